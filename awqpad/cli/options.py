@@ -1,0 +1,18 @@
+"""Shared option aliases, defined once."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from awqpad.engines import DEFAULT_ENGINE, ENGINE_CHOICES
+
+SrcArg = Annotated[str, typer.Argument(help="Checkpoint directory, Hugging Face repo id org/name[@revision], or a cached repo.", show_default=False)]
+TpOpt = Annotated[list[int], typer.Option("--tp", help="Tensor-parallel size; repeat for several (--tp 2 --tp 4).", min=1)]
+EngineOpt = Annotated[str, typer.Option("--engine", "-e", help=f"Engine rules: {', '.join(ENGINE_CHOICES)}.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No output except errors.")]
+SkipExpertsOpt = Annotated[bool, typer.Option("--skip-experts", help="Leave MoE expert widths alone.")]
+DEFAULT_ENGINE_NAME = DEFAULT_ENGINE
+OptionalStr = Optional[str]

@@ -1,0 +1,242 @@
+"""config.json (with nested VL text configs) and quantization_config -> typed configs.
+
+Only reads JSON: no transformers AutoConfig (no network, no remote code).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from awqpad.errors import InputError, UnsupportedError
+
+# Keys under which VL / wrapper models nest the language model's config
+# (Qwen2.5-VL `text_config`, InternVL `llm_config`, DeepSeek-VL / others `language_config`).
+NESTED_TEXT_KEYS = ("text_config", "llm_config", "language_config")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    raw: dict[str, Any]  # the whole config.json
+    text_path: tuple[str, ...]  # where the language model's keys live: () or ("text_config",) ...
+    architecture: str  # first entry of `architectures` of the text model (or the wrapper)
+    wrapper_architecture: str | None  # e.g. Qwen2VLForConditionalGeneration, InternVLChatModel
+    model_type: str
+
+    @property
+    def text(self) -> dict[str, Any]:
+        node = self.raw
+        for key in self.text_path:
+            node = node[key]
+        return node
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.text.get(key, default)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    method: str  # "awq" | "gptq" | "compressed-tensors" | "none" | other recognised names
+    bits: int | None = None
+    group_size: int | None = None
+    sym: bool = True  # AWQ: not zero_point
+    desc_act: bool = False
+    version: str | None = None  # AWQ layout: gemm / gemv / gemv_fast / marlin / exllama
+    checkpoint_format: str | None = None  # GPTQ: gptq (v1) / gptq_v2 / marlin / ...; CT: pack-quantized ...
+    pack_dtype: str = "int32"
+    not_converted: tuple[str, ...] = ()  # AWQ modules_to_not_convert / CT ignore
+    dynamic: tuple[tuple[str, dict], ...] = ()  # GPTQModel per-module overrides, in order
+    ct_groups: tuple[dict, ...] = ()  # compressed-tensors config groups
+    raw: dict | None = None
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.method != "none"
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: no {what} found")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: {what} is not valid JSON ({exc})")
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read {what} ({exc.strerror or exc})")
+
+
+def read_model_config(root: Path) -> ModelConfig:
+    raw = _read_json(root / "config.json", "config.json")
+    if not isinstance(raw, dict):
+        raise InputError(f"{root / 'config.json'}: config.json is not a JSON object")
+    wrapper_arch = (raw.get("architectures") or [None])[0]
+    for key in NESTED_TEXT_KEYS:
+        nested = raw.get(key)
+        if isinstance(nested, dict) and ("hidden_size" in nested or "num_hidden_layers" in nested):
+            arch = (nested.get("architectures") or [None])[0] or wrapper_arch or ""
+            return ModelConfig(raw, (key,), arch, wrapper_arch, nested.get("model_type") or raw.get("model_type", ""))
+    return ModelConfig(raw, (), wrapper_arch or "", None, raw.get("model_type", ""))
+
+
+def read_quant_config(root: Path, model: ModelConfig) -> QuantConfig:
+    q = model.raw.get("quantization_config") or model.text.get("quantization_config")
+    if q is None:
+        # Older AutoGPTQ / AutoAWQ repos keep it in a side file.
+        for side in ("quantize_config.json", "quant_config.json"):
+            if (root / side).is_file():
+                q = _read_json(root / side, side)
+                q.setdefault("quant_method", "gptq" if side == "quantize_config.json" else "awq")
+                break
+    if q is None:
+        return QuantConfig("none")
+    if not isinstance(q, dict):
+        raise InputError(f"{root / 'config.json'}: quantization_config is not an object")
+    method = str(q.get("quant_method") or q.get("method") or "").lower()
+    if method == "awq":
+        return QuantConfig(
+            "awq",
+            bits=int(q.get("bits", q.get("w_bit", 4))),
+            group_size=int(q.get("group_size", q.get("q_group_size", 128))),
+            sym=not bool(q.get("zero_point", True)),
+            version=str(q.get("version", "gemm")).lower(),
+            not_converted=tuple(q.get("modules_to_not_convert") or ()),
+            raw=q,
+        )
+    if method == "gptq":
+        fmt = str(q.get("checkpoint_format") or q.get("format") or "gptq").lower()
+        dynamic = q.get("dynamic") or {}
+        if not isinstance(dynamic, dict):
+            raise InputError(f"{root / 'config.json'}: quantization_config.dynamic must be an object")
+        return QuantConfig(
+            "gptq",
+            bits=int(q.get("bits", 4)),
+            group_size=int(q.get("group_size", 128)),
+            sym=bool(q.get("sym", True)),
+            desc_act=bool(q.get("desc_act", False)),
+            checkpoint_format=fmt,
+            pack_dtype=str(q.get("pack_dtype", "int32")).replace("torch.", ""),
+            dynamic=tuple((str(k), dict(v or {})) for k, v in dynamic.items()),
+            raw=q,
+        )
+    if method == "compressed-tensors":
+        groups = q.get("config_groups") or {}
+        return QuantConfig(
+            "compressed-tensors",
+            checkpoint_format=str(q.get("format") or ""),
+            not_converted=tuple(q.get("ignore") or ()),
+            ct_groups=tuple(dict(g, _name=name) for name, g in groups.items()),
+            raw=q,
+        )
+    if method:
+        return QuantConfig(method, raw=q)
+    raise InputError(f"{root / 'config.json'}: quantization_config has no quant_method")
+
+
+# --- per-module resolution -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModuleQuant:
+    """The quantization parameters config.json gives one linear module."""
+
+    bits: int
+    group_size: int
+    sym: bool
+    desc_act: bool = False
+
+
+def _ct_target_matches(target: str, name: str) -> bool:
+    # compressed-tensors: "re:<regex>" matches the module name; plain strings match the name
+    # (or a suffix of it) or the module class, and every module we look at is a Linear.
+    if target.startswith("re:"):
+        return re.match(target[3:], name) is not None
+    return target == "Linear" or name == target or name.endswith("." + target)
+
+
+def module_quant(q: QuantConfig, module: str) -> ModuleQuant | None:
+    """Quantization parameters for `module` according to the config (None = not quantized)."""
+    if q.method == "awq":
+        if any(skip in module for skip in q.not_converted):
+            return None
+        return ModuleQuant(q.bits or 4, q.group_size or 128, q.sym)
+    if q.method == "gptq":
+        bits, group, sym, desc = q.bits or 4, q.group_size or 128, q.sym, q.desc_act
+        for pattern, override in q.dynamic:
+            # GPTQModel: "-:regex" excludes the module, "+:regex" or bare "regex" overrides it.
+            negative = pattern.startswith("-:")
+            body = pattern[2:] if pattern[:2] in ("-:", "+:") else pattern
+            if re.match(body, module):
+                if negative:
+                    return None
+                bits = int(override.get("bits", bits))
+                group = int(override.get("group_size", group))
+                sym = bool(override.get("sym", sym))
+                desc = bool(override.get("desc_act", desc))
+                break
+        return ModuleQuant(bits, group, sym, desc)
+    if q.method == "compressed-tensors":
+        if any(_ct_target_matches(t, module) for t in q.not_converted):
+            return None
+        for group in q.ct_groups:
+            if any(_ct_target_matches(t, module) for t in group.get("targets", ())):
+                w = group.get("weights") or {}
+                strategy = w.get("strategy", "group")
+                gsize = -1 if strategy in ("channel", "tensor") else int(w.get("group_size") or 128)
+                return ModuleQuant(
+                    int(w.get("num_bits", 4)), gsize, bool(w.get("symmetric", True)), w.get("actorder") == "group"
+                )
+        return None
+    return None
+
+
+def check_supported_quant(q: QuantConfig, where: Path) -> None:
+    """Refuse quantization schemes whose on-disk layout awqpad cannot pad exactly."""
+    if q.method == "awq":
+        if q.version != "gemm":
+            raise UnsupportedError(
+                f"{where}: AWQ version {q.version!r} is not supported; only the GEMM layout "
+                "(AutoAWQ version 'gemm', which vLLM/SGLang/LMDeploy load) can be padded",
+                hint="re-export the model with AutoAWQ version='gemm' or llm-compressor",
+            )
+        if q.bits != 4:
+            raise UnsupportedError(f"{where}: AWQ with {q.bits} bits is not supported (AWQ-GEMM is 4-bit only)")
+    elif q.method == "gptq":
+        if q.checkpoint_format not in ("gptq", "gptq_v2"):
+            raise UnsupportedError(
+                f"{where}: GPTQ checkpoint_format {q.checkpoint_format!r} is not supported; "
+                "only 'gptq' (v1) and 'gptq_v2' layouts can be padded (marlin/bitblas/gptq_p are pre-permuted)"
+            )
+        if q.pack_dtype != "int32":
+            raise UnsupportedError(f"{where}: GPTQ pack_dtype {q.pack_dtype!r} is not supported; only int32")
+        bits = {q.bits} | {int(o["bits"]) for _, o in q.dynamic if "bits" in o}
+        if bits - {4, 8}:
+            raise UnsupportedError(
+                f"{where}: GPTQ {sorted(bits - {4, 8})}-bit is not supported; only 4- and 8-bit "
+                "(2/3-bit words straddle value boundaries and no engine shards them at TP>1)"
+            )
+    elif q.method == "compressed-tensors":
+        if q.checkpoint_format not in ("pack-quantized", ""):
+            raise UnsupportedError(
+                f"{where}: compressed-tensors format {q.checkpoint_format!r} is not supported; only 'pack-quantized'"
+            )
+        for group in q.ct_groups:
+            w = group.get("weights") or {}
+            if w.get("type", "int") != "int" or int(w.get("num_bits", 4)) not in (4, 8):
+                raise UnsupportedError(
+                    f"{where}: compressed-tensors group {group['_name']!r} ({w.get('type')}, {w.get('num_bits')} bits) "
+                    "is not supported; only int4/int8 pack-quantized"
+                )
+            if group.get("input_activations"):
+                raise UnsupportedError(
+                    f"{where}: compressed-tensors group {group['_name']!r} quantizes activations; only weight-only "
+                    "(W4A16/W8A16) schemes are supported"
+                )
+    elif q.method != "none":
+        label = {"fp8": "FP8", "bitsandbytes": "bitsandbytes", "hqq": "HQQ", "exl2": "EXL2"}.get(q.method, q.method)
+        raise UnsupportedError(
+            f"{where}: quantization method {label!r} is not supported yet; awqpad pads AWQ-GEMM, GPTQ, "
+            "compressed-tensors pack-quantized and unquantized checkpoints"
+        )

@@ -1,0 +1,45 @@
+"""One exception tree; each class carries the exit code scripts rely on.
+
+Exit codes (documented in the README and in `--help`):
+  0  success (including "already padded" / "nothing to do")
+  1  a verify check failed
+  2  bad usage, or a bad / inconsistent / unsupported input checkpoint
+  3  blocked: the requested TP cannot be reached by padding
+  4  output problem: OUT exists, disk full, interrupted write
+  70 internal error (a bug; traceback with AWQPAD_DEBUG=1)
+"""
+
+from __future__ import annotations
+
+
+class AwqpadError(Exception):
+    exit_code = 2
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class InputError(AwqpadError):
+    """The source checkpoint is missing, malformed or inconsistent."""
+
+
+class UnsupportedError(AwqpadError):
+    """The checkpoint is well-formed but uses something awqpad cannot pad exactly."""
+
+
+class BlockedError(AwqpadError):
+    """The requested TP size cannot be reached by padding."""
+
+    exit_code = 3
+
+
+class OutputError(AwqpadError):
+    """Writing the output failed or was refused."""
+
+    exit_code = 4
+
+
+class VerifyFailed(AwqpadError):
+    exit_code = 1

@@ -1,0 +1,24 @@
+"""Format registry: an explicit tuple; which one owns a module is decided by quant_method first."""
+
+from awqpad.formats import awq_gemm, compressed_tensors, dense, gptq
+
+FORMATS = (awq_gemm, gptq, compressed_tensors, dense)
+BY_NAME = {fmt.NAME: fmt for fmt in FORMATS}
+BY_METHOD = {"awq": awq_gemm, "gptq": gptq, "compressed-tensors": compressed_tensors}
+
+
+def detect(parts: dict, method: str):
+    """The format module that owns a module's tensors, or None.
+
+    Packed tensors are read as the config's quant_method says (AWQ and GPTQ both call their tensors
+    `qweight`); plain float `.weight` modules are dense whatever the method.
+    """
+    if dense.claims(parts) and not any(k in parts for k in ("qweight", "weight_packed")):
+        return dense
+    fmt = BY_METHOD.get(method)
+    if fmt is not None and fmt.claims(parts):
+        return fmt
+    for candidate in (compressed_tensors, awq_gemm, gptq):
+        if candidate.claims(parts):
+            return candidate
+    return None

@@ -1,0 +1,138 @@
+"""What every format module shares: pad operations as data, fill encoding, nibble (un)packing.
+
+A pad is expressed per tensor as a TensorOp: along one axis, blocks of new elements are inserted at
+given positions of the original axis. Formats translate a logical insertion on a linear's in/out
+features (e.g. "append 128 outputs") into TensorOps on their packed tensors (e.g. "append 16 int32
+columns of 0x88888888 to qweight").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from awqpad.errors import UnsupportedError
+
+# Midpoint words: every nibble / byte = 2^(b-1), the code whose (q - zero) is 0 when zero is the midpoint.
+MID_WORD = {4: np.int32(np.uint32(0x88888888).view(np.int32)), 8: np.int32(np.uint32(0x80808080).view(np.int32))}
+# GPTQ v1 stores zero - 1, so the effective midpoint zero is stored as 7 / 127 per value.
+MID_WORD_V1_ZERO = {4: np.int32(0x77777777), 8: np.int32(0x7F7F7F7F)}
+
+
+@dataclass(frozen=True)
+class Fill:
+    """What new elements hold: a constant, or fresh GPTQ/CT group ids `start + i // group_size`."""
+
+    kind: str  # "const" | "group_ids"
+    value: float | int = 0
+    group_size: int = 0
+
+    @staticmethod
+    def const(value: float | int) -> "Fill":
+        return Fill("const", value.item() if isinstance(value, np.generic) else value)
+
+
+@dataclass(frozen=True)
+class Insert:
+    at: int  # position in the ORIGINAL axis before which the new elements go (== length: append)
+    count: int
+    fill: Fill
+
+
+@dataclass(frozen=True)
+class TensorOp:
+    tensor: str
+    dtype: str
+    old_shape: tuple[int, ...]
+    new_shape: tuple[int, ...]
+    axis: int
+    inserts: tuple[Insert, ...] = ()
+    replace: tuple[int, ...] | None = None  # new values of a tiny metadata tensor (CT weight_shape)
+
+
+@dataclass(frozen=True)
+class LogicalInsert:
+    """Insert `count` new features before feature `at` of a linear's input or output dimension."""
+
+    at: int
+    count: int
+
+
+def make_op(info, axis: int, inserts: list[tuple[int, int]], fill: Fill) -> TensorOp:
+    """TensorOp for tensor `info` (a header TensorInfo) inserting (at, count) blocks along `axis`."""
+    new_shape = list(info.shape)
+    new_shape[axis] += sum(count for _, count in inserts)
+    return TensorOp(
+        info.name,
+        info.dtype,
+        tuple(info.shape),
+        tuple(new_shape),
+        axis,
+        tuple(Insert(at, count, fill) for at, count in inserts if count),
+    )
+
+
+def scaled(inserts: tuple[LogicalInsert, ...], unit: int, what: str, prefix: str) -> list[tuple[int, int]]:
+    """Convert feature-level inserts to tensor-level ones when `unit` features share one element."""
+    out = []
+    for ins in inserts:
+        if ins.at % unit or ins.count % unit:
+            raise UnsupportedError(
+                f"{prefix}: cannot insert {ins.count} features at {ins.at}: {what} needs multiples of {unit}"
+            )
+        out.append((ins.at // unit, ins.count // unit))
+    return out
+
+
+# --- packing helpers (numpy, little-endian, value i of a word at bits i*b) ---------------------
+
+
+def unpack_words(words: np.ndarray, bits: int, axis: int) -> np.ndarray:
+    """int32 words -> integer codes, each word expanding to 32/bits values along `axis`."""
+    per = 32 // bits
+    w = np.moveaxis(words.astype(np.int64) & 0xFFFFFFFF, axis, -1)
+    shifts = np.arange(per, dtype=np.int64) * bits
+    vals = (w[..., None] >> shifts) & ((1 << bits) - 1)
+    vals = vals.reshape(*w.shape[:-1], w.shape[-1] * per)
+    return np.moveaxis(vals, -1, axis)
+
+
+def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
+    return (raw.astype(np.uint32) << 16).view(np.float32)
+
+
+NUMPY_DTYPES = {
+    "F16": np.float16, "F32": np.float32, "F64": np.float64,
+    "I8": np.int8, "U8": np.uint8, "I16": np.int16, "U16": np.uint16,
+    "I32": np.int32, "U32": np.uint32, "I64": np.int64, "U64": np.uint64, "BOOL": np.bool_,
+}
+
+
+def to_float64(array: np.ndarray, dtype: str) -> np.ndarray:
+    """Decode raw tensor values (BF16 arrives as uint16 bit patterns) to float64."""
+    if dtype == "BF16":
+        return bf16_to_f32(array).astype(np.float64)
+    return array.astype(np.float64)
+
+
+def fill_bytes(dtype: str, value: float | int) -> bytes:
+    """One element of `dtype` holding `value`, as raw little-endian bytes."""
+    if dtype == "BF16":
+        return (np.array([value], np.float32).view(np.uint32) >> 16).astype("<u2").tobytes()
+    np_type = NUMPY_DTYPES.get(dtype)
+    if np_type is None:
+        raise UnsupportedError(f"cannot pad a tensor of dtype {dtype}")
+    return np.array([value]).astype(np.dtype(np_type).newbyteorder("<")).tobytes()
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """A quantized or dense linear's logical shape, read off its tensors."""
+
+    in_features: int
+    out_features: int
+    bits: int | None = None
+    group_size: int | None = None  # -1: one group over the whole input (per-channel)
+    groups: int | None = None
+    notes: tuple[str, ...] = field(default=())

@@ -1,0 +1,339 @@
+"""Pure planning: checkpoint + TP sizes + engine rules -> a serializable pad plan.
+
+For every paddable MLP width (dense intermediate, expert, shared expert) the plan picks the
+smallest width >= the original that satisfies every selected engine's rule at every requested TP,
+and turns it into per-tensor operations (formats/*.pad_ops). Whatever padding cannot fix (heads,
+KV heads, attention projections, unsupported layouts) becomes a blocker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from dataclasses import dataclass, field
+
+from awqpad import formats
+from awqpad.checkpoint import Checkpoint, MLPBlock
+from awqpad.config import check_supported_quant
+from awqpad.engines import ENGINE_NOTES, ENGINES, engines_for
+from awqpad.errors import UnsupportedError
+from awqpad.formats.base import Fill, LogicalInsert, TensorOp, make_op
+from awqpad.rules import KIND_LABEL, MLP_KINDS, Violation, applies, constraint, evaluate, mlp_subject
+
+SCHEMA_VERSION = 1
+MOE_COST_WARNING = 0.10
+TP_CANDIDATES = (1, 2, 4, 8, 16, 32)
+
+
+@dataclass(frozen=True)
+class DimChange:
+    kind: str  # dense | expert | shared
+    config_key: str | None  # e.g. intermediate_size (None: derived, e.g. DeepSeek shared experts)
+    original: int
+    padded: int
+    modules: int  # MLP blocks affected
+    added_bytes: int
+    original_bytes: int  # bytes of the affected MLP tensors before padding
+    reason: tuple[str, ...]  # rule ids that forced it
+
+    @property
+    def added_fraction(self) -> float:
+        return (self.padded - self.original) / self.original if self.original else 0.0
+
+
+@dataclass(frozen=True)
+class Blocker:
+    engine: str
+    tp: int
+    rule: str
+    message: str
+    explanation: str
+    nearest_tp: tuple[int, ...]  # closest TP sizes (below / above) where this rule holds
+
+
+@dataclass(frozen=True)
+class PadPlan:
+    schema_version: int
+    source_id: str
+    revision: str | None
+    tp: tuple[int, ...]
+    engine: str
+    engines: tuple[str, ...]
+    format: str
+    bits: int | None
+    group_size: int | None
+    skip_experts: bool
+    dims: tuple[DimChange, ...]
+    config_updates: dict[str, int]  # dotted config path -> new value
+    ops: tuple[TensorOp, ...] = field(repr=False)
+    violations_before: tuple[Violation, ...]
+    violations_after: tuple[Violation, ...]
+    blockers: tuple[Blocker, ...]
+    warnings: tuple[str, ...]
+    notes: tuple[str, ...]
+    added_bytes: int
+    total_bytes: int
+
+    @property
+    def needs_padding(self) -> bool:
+        return bool(self.ops)
+
+    @property
+    def changed_dims(self) -> tuple[DimChange, ...]:
+        return tuple(d for d in self.dims if d.padded != d.original)
+
+    @property
+    def blocked(self) -> bool:
+        return bool(self.blockers)
+
+
+def _width(ckpt: Checkpoint, kind: str) -> int:
+    return ckpt.dims.widths[kind][-1]
+
+
+def _constraints(ckpt: Checkpoint, kind: str, engines, tps) -> tuple[list[tuple[int, int, str]], dict]:
+    """Conjunctive (c, M, rule) constraints on width W of `kind`, plus OR-groups of alternatives."""
+    fixed, groups = [], {}
+    for engine, t in itertools.product(engines, tps):
+        for rule in ENGINES[engine]:
+            if "." not in rule.quantity or rule.quantity.split(".")[0] != kind:
+                continue
+            subject = mlp_subject(ckpt, kind, rule.quantity.split(".")[1])
+            if subject is None or not applies(rule, subject):
+                continue
+            c, m = constraint(rule, t, subject)
+            if rule.any_of:
+                groups.setdefault((engine, t, rule.any_of), []).append((c, m, rule.id))
+            else:
+                fixed.append((c, m, rule.id))
+    return fixed, groups
+
+
+def _step(c: int, m: int) -> int:
+    return m // math.gcd(c, m)
+
+
+def _smallest_width(width: int, fixed, groups, format_step: int) -> tuple[int, tuple[str, ...]]:
+    """Smallest W' >= width with c*W' % M == 0 for all fixed and one alternative per group."""
+    best = None
+    for choice in itertools.product(*groups.values()) if groups else [()]:
+        cons = list(fixed) + list(choice)
+        if all((c * width) % m == 0 for c, m, _ in cons):
+            return width, ()
+        step = math.lcm(format_step, *(_step(c, m) for c, m, _ in cons)) if cons else format_step
+        candidate = -(-width // step) * step
+        failing = tuple(sorted({rid for c, m, rid in cons if (c * width) % m}))
+        if best is None or candidate < best[0]:
+            best = (candidate, failing)
+    return best
+
+
+def _format_step(ckpt: Checkpoint, kind: str) -> int:
+    """Padding granularity the tensors need: whole groups and whole packed words."""
+    step = 1
+    for block in ckpt.mlps:
+        if block.kind != kind:
+            continue
+        for lin in block.linears:
+            if lin.quantized:
+                step = math.lcm(step, 8, lin.group_size if lin.group_size and lin.group_size > 0 else 1)
+        break
+    return step
+
+
+def _block_ops(block: MLPBlock, new_width: int) -> list[TensorOp]:
+    w, add = block.width, new_width - block.width
+    ops = []
+    for lin in block.linears:
+        fmt = formats.BY_NAME[lin.format]
+        if lin.role == "down":
+            ops += fmt.pad_ops(lin, "in", (LogicalInsert(w, add),))
+        elif lin.role == "gate_up":
+            ops += fmt.pad_ops(lin, "out", (LogicalInsert(w, add), LogicalInsert(2 * w, add)))
+        else:
+            ops += fmt.pad_ops(lin, "out", (LogicalInsert(w, add),))
+    if block.act_scales is not None:
+        # AWQ ScaledActivation divides by these: pad with 1.0, never 0 (0/0 = NaN).
+        ops.append(make_op(block.act_scales, 0, [(w, add)], Fill.const(1.0)))
+    return ops
+
+
+def _nearest_ok(ckpt: Checkpoint, engine: str, rule: str, t: int) -> tuple[int, ...]:
+    """Closest TP sizes where nothing unpaddable fails (the blocking rule, or any other)."""
+    ok = [
+        c for c in TP_CANDIDATES
+        if not any(not v.paddable and v.severity == "error" for v in evaluate(ckpt, engine, c))
+    ]
+    below = [c for c in ok if c < t]
+    above = [c for c in ok if c > t]
+    return tuple(([below[-1]] if below else []) + ([above[0]] if above else []))
+
+
+def _op_bytes(op: TensorOp) -> int:
+    from awqpad.header import tensor_nbytes
+
+    return tensor_nbytes(op.dtype, op.new_shape) - tensor_nbytes(op.dtype, op.old_shape)
+
+
+def make_plan(ckpt: Checkpoint, tps: tuple[int, ...], engine: str = "vllm", skip_experts: bool = False) -> PadPlan:
+    tps = tuple(sorted(set(tps)))
+    engines = engines_for(engine)
+    before = [v for e in engines for t in tps for v in evaluate(ckpt, e, t)]
+    blockers: list[Blocker] = []
+    warnings: list[str] = []
+    notes = [ENGINE_NOTES[e] for e in engines if e in ENGINE_NOTES]
+    try:
+        check_supported_quant(ckpt.quant, ckpt.source.root / "config.json")
+        unsupported = None
+    except UnsupportedError as exc:
+        unsupported = exc.message
+
+    widths: dict[str, int] = {}
+    reasons: dict[str, tuple[str, ...]] = {}
+    kinds = [k for k in MLP_KINDS if k in ckpt.dims.widths]
+    tie_key = ckpt.family.shared_factor_key
+    tie = int(ckpt.config.get(tie_key) or 0) if tie_key else 0
+    tied = bool(tie) and "shared" in kinds and "expert" in kinds and _width(ckpt, "shared") == tie * _width(ckpt, "expert")
+    for kind in kinds:
+        if len(ckpt.dims.widths[kind]) > 1:
+            blockers.append(Blocker(engine, max(tps), f"{kind}-widths", f"{KIND_LABEL[kind]} widths differ between layers {list(ckpt.dims.widths[kind])}; per-layer padding is not supported", "", ()))
+            continue
+        if tied and kind == "shared":
+            continue
+        if kind == "expert" and skip_experts:
+            continue
+        fixed, groups = _constraints(ckpt, kind, engines, tps)
+        if tied and kind == "expert":
+            s_fixed, s_groups = _constraints(ckpt, "shared", engines, tps)
+            fixed += [(c * tie, m, rid) for c, m, rid in s_fixed]
+            groups.update({k: [(c * tie, m, rid) for c, m, rid in alts] for k, alts in s_groups.items()})
+        new, why = _smallest_width(_width(ckpt, kind), fixed, groups, _format_step(ckpt, kind))
+        if new != _width(ckpt, kind):
+            widths[kind], reasons[kind] = new, why
+    if tied and "expert" in widths:
+        widths["shared"], reasons["shared"] = tie * widths["expert"], reasons["expert"]
+
+    ops: list[TensorOp] = []
+    dims: list[DimChange] = []
+    for kind in kinds:
+        blocks = [b for b in ckpt.mlps if b.kind == kind]
+        new = widths.get(kind, _width(ckpt, kind))
+        kind_ops = []
+        if kind in widths:
+            try:
+                kind_ops = [op for b in blocks for op in _block_ops(b, new)]
+            except UnsupportedError as exc:
+                blockers.append(Blocker(engine, max(tps), f"{kind}-layout", exc.message, "padding is needed but cannot be done exactly", ()))
+                new = _width(ckpt, kind)
+        ops += kind_ops
+        old_bytes = sum(lin.nbytes for b in blocks for lin in b.linears)
+        key = ckpt.config_key(kind) if not (tied and kind == "shared") else None
+        dims.append(DimChange(kind, key, _width(ckpt, kind), new, len(blocks), sum(map(_op_bytes, kind_ops)), old_bytes, reasons.get(kind, ())))
+
+    after = [v for e in engines for t in tps for v in evaluate(ckpt, e, t, widths)]
+    if unsupported and (widths or any(v.paddable for v in before)):
+        blockers.append(Blocker(engine, max(tps), "unsupported-layout", unsupported, "padding is needed but this layout cannot be padded", ()))
+        ops, dims = [], [dataclasses.replace(d, padded=d.original, added_bytes=0) for d in dims]
+    for v in after:
+        if v.severity == "fallback":
+            warnings.append(f"{v.engine} TP={v.tp}: {v.explanation}; it loads through a slower fallback kernel")
+        elif not v.paddable or (v.quantity.startswith("expert.") and skip_experts):
+            blockers.append(Blocker(v.engine, v.tp, v.rule, v.message, v.explanation, _nearest_ok(ckpt, v.engine, v.rule, v.tp)))
+    for change in dims:
+        if change.kind == "expert" and change.added_fraction > MOE_COST_WARNING:
+            warnings.append(
+                f"padding MoE experts {change.original} -> {change.padded} adds {change.added_fraction:.0%} expert weights "
+                "and expert FLOPs; alternatives: vLLM --enable-expert-parallel (experts are not split), a smaller TP, "
+                "the engine's fallback MoE kernel (loads unpadded, slower), or --skip-experts"
+            )
+
+    config_updates = {}
+    for change in dims:
+        if change.config_key is None or change.padded == change.original:
+            continue
+        factor = ckpt.family.dense_key_factor if change.kind == "dense" else 1
+        for path in _config_paths(ckpt, change.config_key):
+            config_updates[path] = change.padded * factor
+    return PadPlan(
+        SCHEMA_VERSION,
+        ckpt.source.source_id,
+        ckpt.source.revision,
+        tps,
+        engine,
+        engines,
+        ckpt.format,
+        ckpt.bits,
+        ckpt.group_size,
+        skip_experts,
+        tuple(dims),
+        config_updates,
+        tuple(ops),
+        tuple(before),
+        tuple(after),
+        tuple(_dedupe(blockers)),
+        tuple(dict.fromkeys(warnings)),
+        tuple(notes),
+        sum(d.added_bytes for d in dims),
+        ckpt.total_bytes,
+    )
+
+
+def _config_paths(ckpt: Checkpoint, key: str) -> list[str]:
+    """Every place config.json holds `key` for the language model (top level and nested text config)."""
+    paths = []
+    if ckpt.config.text_path and key in ckpt.config.text:
+        paths.append(".".join(ckpt.config.text_path + (key,)))
+    if key in ckpt.config.raw or not paths:
+        paths.append(key)
+    return paths
+
+
+def _dedupe(blockers: list[Blocker]) -> list[Blocker]:
+    seen, out = set(), []
+    for b in blockers:
+        key = (b.engine, b.tp, b.rule)
+        if key not in seen:
+            seen.add(key)
+            out.append(b)
+    return out
+
+
+def plan_summary(plan: PadPlan, with_tensors: bool = False) -> dict:
+    """The documented --json contract of `awqpad plan` (stable keys first, details after)."""
+    from awqpad.serialize import to_data
+
+    dims = {}
+    for d in plan.dims:
+        key = d.config_key or f"{d.kind}_width"
+        dims[key] = {"original": d.original, "padded": d.padded, "kind": d.kind, "modules": d.modules,
+                     "added_bytes": d.added_bytes, "added_percent": round(100 * d.added_fraction, 3), "rules": list(d.reason)}
+    out = {
+        "schema_version": plan.schema_version,
+        "source": plan.source_id,
+        "revision": plan.revision,
+        "tp": list(plan.tp),
+        "engine": plan.engine,
+        "engines": list(plan.engines),
+        "format": plan.format,
+        "bits": plan.bits,
+        "group_size": plan.group_size,
+        "needs_padding": plan.needs_padding,
+        "blocked": plan.blocked,
+        "dims": dims,
+        "blockers": [{"rule": b.rule, "message": b.message, "engine": b.engine, "tp": b.tp,
+                      "explanation": b.explanation, "nearest_tp": list(b.nearest_tp)} for b in plan.blockers],
+        "added_bytes": plan.added_bytes,
+        "total_bytes": plan.total_bytes,
+        "added_percent": round(100 * plan.added_bytes / plan.total_bytes, 4) if plan.total_bytes else 0.0,
+        "config_updates": plan.config_updates,
+        "warnings": list(plan.warnings),
+        "notes": list(plan.notes),
+        "violations_before": to_data(plan.violations_before),
+        "violations_after": to_data(plan.violations_after),
+    }
+    if with_tensors:
+        out["tensors"] = [{"name": op.tensor, "old_shape": list(op.old_shape), "new_shape": list(op.new_shape)}
+                          for op in plan.ops if op.replace is None] + [
+            {"name": op.tensor, "old_value": None, "new_value": list(op.replace)} for op in plan.ops if op.replace is not None]
+    return out

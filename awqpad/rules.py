@@ -1,0 +1,157 @@
+"""Evaluate engine rules (engines.py) against a checkpoint's dimensions at a TP size."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from awqpad.checkpoint import Checkpoint
+from awqpad.engines import ENGINES, Rule
+
+MLP_KINDS = ("dense", "shared", "expert")
+KIND_LABEL = {"dense": "MLP", "shared": "shared expert", "expert": "MoE expert"}
+
+
+@dataclass(frozen=True)
+class Violation:
+    engine: str
+    tp: int
+    rule: str
+    quantity: str
+    value: float | int
+    multiple: int
+    severity: str  # error | fallback
+    paddable: bool  # awqpad can fix it by padding an MLP width
+    message: str  # what the engine prints
+    explanation: str  # what failed, in awqpad's words
+    source: str
+
+
+def multiple_of(rule: Rule, t: int, group: int | None, bits: int | None) -> int:
+    g = group if group and group > 0 else 1
+    spec = rule.multiple
+    if spec == "t":
+        return t
+    if spec == "group":
+        return g
+    if spec == "pack":
+        return 32 // (bits or 4)
+    if spec.startswith("lcm(group,"):
+        return math.lcm(g, int(spec[len("lcm(group,") : -1]))
+    if spec.startswith("max(64,"):
+        return max(64, g)
+    return int(spec)
+
+
+@dataclass(frozen=True)
+class Subject:
+    """What a rule's quantity refers to in this checkpoint."""
+
+    kind: str | None  # MLP kind for paddable quantities
+    quantized: bool
+    group: int | None
+    bits: int | None
+
+
+def mlp_subject(ckpt: Checkpoint, kind: str, part: str) -> Subject | None:
+    blocks = [b for b in ckpt.mlps if b.kind == kind]
+    if not blocks:
+        return None
+    lin = blocks[0].linears[-1] if part == "K_r" else blocks[0].linears[0]
+    return Subject(kind, lin.quantized, lin.group_size, lin.bits)
+
+
+def attn_subject(ckpt: Checkpoint, part: str) -> Subject | None:
+    roles = ("o",) if part == "K_r" else ("q", "qkv")
+    lin = next((lin for lin in ckpt.linears if lin.role in roles), None)
+    if lin is None:
+        return None
+    return Subject(None, lin.quantized, lin.group_size, lin.bits)
+
+
+def constraint(rule: Rule, t: int, subject: Subject) -> tuple[int, int]:
+    """(c, M): a paddable width W satisfies the rule iff c * W % M == 0."""
+    m = multiple_of(rule, t, subject.group, subject.bits)
+    part = rule.quantity.split(".")[1]
+    if part == "W":
+        return 1, m
+    if part == "K_r":
+        return 1, t * m
+    return 2, t * m  # N_r of merged gate_up = 2W / t
+
+
+def applies(rule: Rule, subject: Subject) -> bool:
+    return rule.quantized is None or rule.quantized == subject.quantized
+
+
+def evaluate(ckpt: Checkpoint, engine: str, t: int, widths: dict[str, int] | None = None) -> list[Violation]:
+    """Every rule of `engine` that fails at TP t (with MLP widths overridden by `widths`)."""
+    dims = ckpt.dims
+    widths = widths or {}
+    out: list[Violation] = []
+    alternatives: dict[str, list[Violation | None]] = {}
+
+    def fail(rule, value, m, paddable, explanation):
+        text = rule.message.format(value=value, t=t, m=m)
+        return Violation(engine, t, rule.id, rule.quantity, value, m, rule.severity, paddable, text, explanation, rule.source)
+
+    for rule in ENGINES[engine]:
+        result: Violation | None = None
+        q = rule.quantity
+        if q == "heads":
+            if dims.heads and dims.heads % t:
+                result = fail(rule, dims.heads, t, False, f"{dims.heads} attention heads do not split over {t} GPUs")
+        elif q == "kv_heads":
+            kv = dims.kv_heads
+            if kv and not ckpt.family.mla:
+                ok = (kv % t == 0 or t % kv == 0) if rule.multiple == "kv-replicate" else kv % t == 0
+                if not ok:
+                    result = fail(rule, kv, t, False, f"{kv} KV heads neither divide nor are divided by TP {t}")
+        elif q == "hidden":
+            if any(b.kind == "expert" for b in ckpt.mlps) and ckpt.bits and dims.hidden:
+                m = int(rule.multiple)
+                if dims.hidden % m:
+                    result = fail(rule, dims.hidden, m, False, f"hidden_size {dims.hidden} is not a multiple of {m}")
+        elif q == "group":
+            g = ckpt.group_size
+            if ckpt.bits and g is not None and g != int(rule.multiple):
+                result = fail(rule, g, int(rule.multiple), False, f"group size {g} is not {rule.multiple}")
+        elif q.startswith("attn."):
+            part = q.split(".")[1]
+            subject = attn_subject(ckpt, part)
+            if subject is not None and applies(rule, subject) and dims.heads and dims.heads % t == 0:
+                m = multiple_of(rule, t, subject.group, subject.bits)
+                o = next((lin for lin in ckpt.linears if lin.role == "o"), None)
+                if part == "K_r" and o is not None:
+                    value = o.in_features / t
+                else:
+                    kv = dims.kv_heads or dims.heads
+                    value = (dims.heads // t + 2 * max(1, kv // t)) * (dims.head_dim or 0)
+                if value != int(value) or int(value) % m:
+                    what = "o_proj input" if part == "K_r" else "merged qkv output"
+                    result = fail(rule, _num(value), m, False,
+                                  f"per-rank {what} {_num(value)} is not a multiple of {m} (needs attention-head padding)")
+        else:
+            kind, part = q.split(".")
+            subject = mlp_subject(ckpt, kind, part)
+            if subject is not None and applies(rule, subject):
+                width = widths.get(kind, ckpt.dims.widths[kind][-1])
+                c, big_m = constraint(rule, t, subject)
+                if (c * width) % big_m:
+                    m = multiple_of(rule, t, subject.group, subject.bits)
+                    value = {"W": width, "K_r": width / t, "N_r": 2 * width / t}[part]
+                    label = {"W": "width", "K_r": "down_proj input per rank", "N_r": "gate_up output per rank"}[part]
+                    result = fail(rule, _num(value), m, True,
+                                  f"{KIND_LABEL[kind]} {label} {_num(value)} is not a multiple of {m}")
+        if rule.any_of:
+            alternatives.setdefault(rule.any_of, []).append(result)
+        elif result is not None:
+            out.append(result)
+    for options in alternatives.values():
+        if all(v is not None for v in options):
+            out.extend(options)
+    return out
+
+
+def _num(value: float) -> float | int:
+    return int(value) if float(value).is_integer() else round(value, 3)
