@@ -22,9 +22,12 @@ class Source:
     source_id: str  # what the user typed, minus the revision
     revision: str | None  # resolved commit for hub sources, None for plain directories
     is_hub: bool = False
+    fetched_bytes: int = 0  # bytes transferred from the Hub to describe this source
 
 
-def resolve_source(spec: str, *, allow_patterns: list[str] | None = None) -> Source:
+def resolve_source(spec: str, *, headers_only: bool = False, allow_patterns: list[str] | None = None) -> Source:
+    """Resolve SRC. `headers_only`: the caller reads config, index and safetensors headers only
+    (inspect, plan), so a Hub source need not download weights."""
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_dir():

@@ -62,5 +62,5 @@ def inspect(src: SrcArg, engine: EngineOpt = DEFAULT_ENGINE, json_out: JsonOpt =
     if engine not in ENGINES:
         raise InputError(f"--engine {engine!r} is not one of {', '.join(ENGINES)}")
     out = Output(json_out, quiet)
-    report = inspect_report(read_checkpoint(resolve_source(src)), engine)
+    report = inspect_report(read_checkpoint(resolve_source(src, headers_only=True)), engine)
     out.result(report, lambda console: render(report, console))

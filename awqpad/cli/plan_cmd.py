@@ -98,7 +98,7 @@ def plan(
     if engine not in ENGINE_CHOICES:
         raise InputError(f"--engine {engine!r} is not one of {', '.join(ENGINE_CHOICES)}")
     out = Output(json_out, quiet)
-    result = make_plan(read_checkpoint(resolve_source(src)), tuple(tp), engine, skip_experts)
+    result = make_plan(read_checkpoint(resolve_source(src, headers_only=True)), tuple(tp), engine, skip_experts)
     summary = plan_summary(result, tensors)
     summary["next"] = next_commands(result, src)
     out.result(summary, lambda console: render(result, summary, console))
