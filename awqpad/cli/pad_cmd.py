@@ -1,12 +1,78 @@
-"""`awqpad pad` (not yet implemented)."""
+"""`awqpad pad SRC OUT --tp N`: write the padded repo, streaming tensor by tensor."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
+from rich.console import Console
 
-HELP = "Not yet implemented."
+from awqpad.checkpoint import read_checkpoint
+from awqpad.cli.inspect_cmd import human_bytes
+from awqpad.cli.options import EngineOpt, JsonOpt, QuietOpt, SkipExpertsOpt, SrcArg, TpOpt
+from awqpad.cli.output import Output
+from awqpad.engines import DEFAULT_ENGINE, ENGINE_CHOICES
+from awqpad.errors import BlockedError, InputError
+from awqpad.output_repo import PROVENANCE, pad_to_directory
+from awqpad.plan import make_plan, plan_summary
+from awqpad.source import resolve_source
+
+HELP = """Write a padded copy of SRC to OUT that loads at the given TP size(s). SRC is never modified;
+OUT appears only when complete (written to a hidden temp sibling, fsynced, then renamed).
+
+Example: awqpad pad ./Qwen2-72B-Instruct-AWQ ./Qwen2-72B-AWQ-tp4 --tp 4
+
+Exit codes: 0 written (or nothing to do / already padded), 2 bad input, 3 blocked, 4 output problem."""
+
+OutArg = Annotated[Path, typer.Argument(help="Output directory (must not exist unless --force).", show_default=False)]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace OUT if it exists (only after the new output is complete).")]
 
 
-def pad(args: list[str] = typer.Argument(None, hidden=True)) -> None:
-    typer.echo("awqpad pad: not yet implemented", err=True)
-    raise typer.Exit(2)
+def pad(
+    src: SrcArg,
+    out_dir: OutArg,
+    tp: TpOpt,
+    engine: EngineOpt = DEFAULT_ENGINE,
+    skip_experts: SkipExpertsOpt = False,
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    if engine not in ENGINE_CHOICES:
+        raise InputError(f"--engine {engine!r} is not one of {', '.join(ENGINE_CHOICES)}")
+    out = Output(json_out, quiet)
+    ckpt = read_checkpoint(resolve_source(src))
+    plan = make_plan(ckpt, tuple(tp), engine, skip_experts)
+    summary = {"source": ckpt.source.source_id, "revision": ckpt.source.revision, "out": None, "tp": list(plan.tp),
+               "engine": engine, "plan": plan_summary(plan)}
+    if plan.blocked:
+        first = plan.blockers[0]
+        more = f" (+{len(plan.blockers) - 1} more; see `awqpad plan`)" if len(plan.blockers) > 1 else ""
+        raise BlockedError(f"cannot pad {src} for TP {max(plan.tp)} on {first.engine}: {first.explanation or first.message}{more}")
+    if not plan.needs_padding:
+        already = (ckpt.source.root / PROVENANCE).is_file()
+        status = "already padded" if already else "nothing to do"
+        summary["status"] = status
+        message = (f"{status}: {src} already loads at TP {', '.join(map(str, plan.tp))} under {engine} rules; nothing written")
+        out.result(summary, lambda console: console.print(message))
+        return
+    for warning in plan.warnings:
+        out.warn(warning)
+    total = sum(s.file_size for s in ckpt.shards) + plan.added_bytes
+    with out.progress(total, "padding") as advance:
+        result = pad_to_directory(ckpt, plan, out_dir, force=force, progress=advance, notify=out.info)
+    summary.update(status="padded", out=result.out, shards=list(result.shards), bytes_written=result.bytes_written,
+                   seconds=round(result.seconds, 3), padded_tensors=result.padded_tensors,
+                   copied_files=list(result.copied_files), skipped_files=list(result.skipped_files))
+
+    def render(console: Console) -> None:
+        dims = ", ".join(f"{d.config_key or d.kind} {d.original} -> {d.padded}" for d in plan.changed_dims)
+        console.print(f"padded {dims}: {result.padded_tensors} tensors in {len(result.shards)} shard(s), "
+                      f"{human_bytes(result.bytes_written)} in {result.seconds:.1f} s -> {result.out}")
+        for name in result.skipped_files:
+            console.print(f"  skipped {name} (non-safetensors weights would be stale copies)")
+        console.print(f"next: awqpad verify {src} {result.out} " + " ".join(f"--tp {t}" for t in plan.tp))
+        console.print(f"      vllm serve {result.out} --tensor-parallel-size {max(plan.tp)}")
+
+    out.result(summary, render)

@@ -1,0 +1,183 @@
+"""Stream one safetensors shard through the plan's TensorOps into a new shard.
+
+The output header is computed first (shapes and offsets are known from the plan), then tensors are
+written in source order: unchanged tensors are copied as bytes (copy_file_range, no decode), padded
+tensors in bounded row blocks. Memory stays at one block (<= BLOCK_BYTES) whatever the model size.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from awqpad.errors import InputError, OutputError
+from awqpad.formats.base import Fill, TensorOp, fill_bytes
+from awqpad.header import ShardHeader, TensorInfo, encode_header, tensor_nbytes
+from awqpad.tensor_io import ARRAY_DTYPES, RAW_DTYPES, itemsize, pread_exact
+
+BLOCK_BYTES = 16 << 20
+COPY_CHUNK = 64 << 20
+
+
+class ShardWriter:
+    """Positional writes into one output file; every byte count is checked against the plan."""
+
+    def __init__(self, path: Path, expected_size: int):
+        self.path = path
+        self.expected_size = expected_size
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.pos = 0
+        self._copy_range = hasattr(os, "copy_file_range")
+
+    def write(self, data) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            written = _io(os.pwrite, self.fd, view, self.pos, path=self.path)
+            self.pos += written
+            view = view[written:]
+
+    def copy_from(self, src_fd: int, offset: int, size: int, what: str) -> None:
+        end = offset + size
+        while offset < end:
+            n = min(COPY_CHUNK, end - offset)
+            if self._copy_range:
+                try:
+                    done = os.copy_file_range(src_fd, self.fd, n, offset, self.pos)
+                except OSError as exc:
+                    if exc.errno in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                        self._copy_range = False
+                        continue
+                    _raise_write(exc, self.path)
+                if done == 0:
+                    raise InputError(f"{what}: source ended early (truncated?)")
+            else:
+                chunk = pread_exact(src_fd, n, offset, what)
+                self.write(chunk)
+                offset += n
+                continue
+            offset += done
+            self.pos += done
+
+    def close(self, fsync: bool = True) -> None:
+        try:
+            if self.pos != self.expected_size:
+                raise OutputError(f"{self.path.name}: wrote {self.pos} bytes, expected {self.expected_size} (internal error)")
+            if fsync:
+                _io(os.fsync, self.fd, path=self.path)
+        finally:
+            os.close(self.fd)
+
+
+def _io(fn, *args, path: Path):
+    try:
+        return fn(*args)
+    except OSError as exc:
+        _raise_write(exc, path)
+
+
+def _raise_write(exc: OSError, path: Path):
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        raise OutputError(f"{path}: disk full or file size limit reached while writing ({exc.strerror})") from None
+    raise OutputError(f"{path}: write failed ({exc.strerror or exc})") from None
+
+
+def output_layout(header: ShardHeader, ops: dict[str, TensorOp]) -> list[tuple[TensorInfo, TensorOp | None, tuple, int]]:
+    """(source tensor, op, new shape, new nbytes) in source data order."""
+    rows = []
+    for info in sorted(header.tensors.values(), key=lambda t: t.begin):
+        op = ops.get(info.name)
+        shape = op.new_shape if op is not None else info.shape
+        rows.append((info, op, shape, tensor_nbytes(info.dtype, shape)))
+    return rows
+
+
+def shard_output_size(header: ShardHeader, ops: dict[str, TensorOp]) -> int:
+    layout = output_layout(header, ops)
+    head = encode_header([(i.name, i.dtype, s, n) for i, _, s, n in layout], header.metadata)
+    return len(head) + sum(n for *_, n in layout)
+
+
+def write_shard(src_root: Path, header: ShardHeader, ops: dict[str, TensorOp], out_path: Path,
+                advance: Callable[[int], None] = lambda n: None, fsync: bool = True) -> int:
+    """Write the padded version of one shard; returns its size."""
+    layout = output_layout(header, ops)
+    head = encode_header([(i.name, i.dtype, s, n) for i, _, s, n in layout], header.metadata)
+    size = len(head) + sum(n for *_, n in layout)
+    writer = ShardWriter(out_path, size)
+    try:
+        writer.write(head)
+        with open(src_root / header.filename, "rb") as src:
+            fd = src.fileno()
+            for info, op, _, nbytes in layout:
+                if op is None:
+                    writer.copy_from(fd, info.begin, info.nbytes, f"{header.filename}: {info.name}")
+                elif op.replace is not None:
+                    writer.write(np.array(op.replace, dtype=ARRAY_DTYPES[info.dtype]).astype(np.dtype(ARRAY_DTYPES[info.dtype]).newbyteorder("<")).tobytes())
+                else:
+                    _write_padded(writer, fd, info, op)
+                advance(nbytes)
+    finally:
+        writer.close(fsync=fsync)
+    return size
+
+
+def _fill_array(fill: Fill, dtype: str, count: int) -> np.ndarray:
+    """`count` fill elements as raw little-endian unsigned words of the tensor's item size."""
+    raw = RAW_DTYPES[itemsize(dtype)]
+    if fill.kind == "const":
+        one = np.frombuffer(fill_bytes(dtype, fill.value), dtype=np.dtype(raw).newbyteorder("<"))
+        return np.broadcast_to(one, (count,))
+    if fill.kind == "group_ids":
+        values = fill.value + np.arange(count, dtype=np.int64) // fill.group_size
+        return values.astype(np.dtype(ARRAY_DTYPES[dtype]).newbyteorder("<")).view(np.dtype(raw).newbyteorder("<"))
+    raise ValueError(f"unknown fill {fill.kind}")
+
+
+def _write_padded(writer: ShardWriter, fd: int, info: TensorInfo, op: TensorOp) -> None:
+    if tuple(info.shape) != tuple(op.old_shape) or info.dtype != op.dtype:
+        raise InputError(f"{info.name}: plan expects {op.dtype}{list(op.old_shape)} but the shard has {info.dtype}{list(info.shape)}")
+    size = itemsize(info.dtype)
+    raw = np.dtype(RAW_DTYPES[size]).newbyteorder("<")
+    outer = math.prod(info.shape[: op.axis])
+    length = info.shape[op.axis]
+    inner = math.prod(info.shape[op.axis + 1 :])
+    row_bytes = length * inner * size
+    inserts = sorted(op.inserts, key=lambda i: i.at)
+    fills = [_fill_array(ins.fill, info.dtype, ins.count * inner) for ins in inserts]
+    what = f"{info.shard}: {info.name}"
+
+    if row_bytes * max(outer, 1) <= BLOCK_BYTES or row_bytes <= BLOCK_BYTES // 4:
+        rows_per_block = max(1, BLOCK_BYTES // max(row_bytes, 1))
+        for start in range(0, outer, rows_per_block):
+            n = min(rows_per_block, outer - start)
+            block = np.frombuffer(pread_exact(fd, n * row_bytes, info.begin + start * row_bytes, what), dtype=raw)
+            block = block.reshape(n, length, inner)
+            pieces, cursor = [], 0
+            for ins, fill in zip(inserts, fills):
+                pieces.append(block[:, cursor : ins.at, :])
+                pieces.append(np.broadcast_to(fill.reshape(1, ins.count, inner), (n, ins.count, inner)))
+                cursor = ins.at
+            pieces.append(block[:, cursor:, :])
+            writer.write(np.ascontiguousarray(np.concatenate(pieces, axis=1)))
+        return
+    # Rows too big for one block (e.g. appending rows to a huge [K, N/8] tensor): copy original
+    # stretches with copy_file_range and write the fill in bounded pieces.
+    for r in range(outer):
+        base = info.begin + r * row_bytes
+        cursor = 0
+        for ins, fill in zip(inserts, fills):
+            writer.copy_from(fd, base + cursor * inner * size, (ins.at - cursor) * inner * size, what)
+            _write_repeated(writer, fill)
+            cursor = ins.at
+        writer.copy_from(fd, base + cursor * inner * size, (length - cursor) * inner * size, what)
+
+
+def _write_repeated(writer: ShardWriter, fill: np.ndarray) -> None:
+    step = max(1, BLOCK_BYTES // fill.itemsize)
+    for start in range(0, fill.shape[0], step):
+        writer.write(np.ascontiguousarray(fill[start : start + step]))
