@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -29,7 +30,9 @@ TensorsOpt = Annotated[bool, typer.Option("--tensors", help="List every tensor t
 def next_commands(plan: PadPlan, src: str) -> dict:
     tps = " ".join(f"--tp {t}" for t in plan.tp)
     engine = "" if plan.engine == DEFAULT_ENGINE else f" --engine {plan.engine}"
-    out_dir = f"{src.rstrip('/').split('/')[-1]}-tp{max(plan.tp)}"
+    local = Path(src)
+    name = f"{local.name}-tp{max(plan.tp)}"
+    out_dir = str(local.parent / name) if local.exists() else name
     return {
         "pad": f"awqpad pad {src} {out_dir} {tps}{engine}" if plan.needs_padding else None,
         "serve": f"vllm serve {out_dir if plan.needs_padding else src} --tensor-parallel-size {max(plan.tp)}",
