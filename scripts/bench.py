@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""Benchmark `awqpad pad` / `awqpad verify` against a plain `cp -r` of the same checkpoint.
+
+Generates a synthetic AWQ-GEMM checkpoint with realistic Qwen2-72B layer shapes (hidden 8192,
+intermediate 29568 = 231 groups of 128, which does not split at TP 2, 4 or 8) at two sizes (by layer count),
+then times, in the same run and alternating: `cp -r SRC DST`, `awqpad pad SRC OUT --tp 8`, and
+`awqpad verify SRC OUT --tp 8`, and records each process's peak RSS (wait4 rusage).
+
+    python scripts/bench.py --workdir /tmp/awqpad-bench --layers 4 16 --repeat 3
+
+Data are pseudo-random bytes (a 64 MB random block repeated): the file system cannot tell the difference.
+Page-cache state is whatever the machine has (warm after the first run); numbers are medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from awqpad.header import encode_header  # noqa: E402
+
+# Qwen2-72B layer shapes (29568 = 231 groups: not whole groups per rank at TP 2/4/8), smaller vocab.
+HIDDEN, INTER, HEADS, KV, HEAD_DIM, VOCAB, GROUP = 8192, 29568, 64, 8, 128, 32000, 128
+BLOCK = np.random.default_rng(0).integers(0, 255, 64 << 20, dtype=np.uint8).tobytes()
+
+
+def _tensors(layers: int):
+    def awq(prefix, k, n):
+        return [(f"{prefix}.qweight", "I32", (k, n // 8)), (f"{prefix}.qzeros", "I32", (k // GROUP, n // 8)),
+                (f"{prefix}.scales", "F16", (k // GROUP, n))]
+
+    out = [("model.embed_tokens.weight", "F16", (VOCAB, HIDDEN))]
+    for layer in range(layers):
+        p = f"model.layers.{layer}"
+        out += awq(f"{p}.self_attn.q_proj", HIDDEN, HEADS * HEAD_DIM) + [(f"{p}.self_attn.q_proj.bias", "F16", (HEADS * HEAD_DIM,))]
+        out += awq(f"{p}.self_attn.k_proj", HIDDEN, KV * HEAD_DIM) + [(f"{p}.self_attn.k_proj.bias", "F16", (KV * HEAD_DIM,))]
+        out += awq(f"{p}.self_attn.v_proj", HIDDEN, KV * HEAD_DIM) + [(f"{p}.self_attn.v_proj.bias", "F16", (KV * HEAD_DIM,))]
+        out += awq(f"{p}.self_attn.o_proj", HEADS * HEAD_DIM, HIDDEN)
+        out += awq(f"{p}.mlp.gate_proj", HIDDEN, INTER) + awq(f"{p}.mlp.up_proj", HIDDEN, INTER) + awq(f"{p}.mlp.down_proj", INTER, HIDDEN)
+        out += [(f"{p}.input_layernorm.weight", "F16", (HIDDEN,)), (f"{p}.post_attention_layernorm.weight", "F16", (HIDDEN,))]
+    out += [("model.norm.weight", "F16", (HIDDEN,)), ("lm_head.weight", "F16", (VOCAB, HIDDEN))]
+    return out
+
+
+def _nbytes(dtype, shape):
+    return int(np.prod(shape)) * {"F16": 2, "I32": 4}[dtype]
+
+
+def make_checkpoint(path: Path, layers: int, shard_bytes: int = 2 << 30) -> int:
+    path.mkdir(parents=True)
+    shards, current, size = [], [], 0
+    for name, dtype, shape in _tensors(layers):
+        n = _nbytes(dtype, shape)
+        if current and size + n > shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append((name, dtype, shape, n))
+        size += n
+    shards.append(current)
+    weight_map, total = {}, 0
+    for i, tensors in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        with open(path / fname, "wb") as fh:
+            fh.write(encode_header(tensors, {"format": "pt"}))
+            remaining = sum(t[3] for t in tensors)
+            while remaining:
+                chunk = BLOCK[: min(len(BLOCK), remaining)]
+                fh.write(chunk)
+                remaining -= len(chunk)
+        for name, _, _, n in tensors:
+            weight_map[name] = fname
+            total += n
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    config = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": HIDDEN, "intermediate_size": INTER,
+              "num_hidden_layers": layers, "num_attention_heads": HEADS, "num_key_value_heads": KV, "vocab_size": VOCAB,
+              "quantization_config": {"quant_method": "awq", "bits": 4, "group_size": GROUP, "zero_point": True, "version": "gemm"}}
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "tokenizer.json").write_text("{}")
+    return sum(f.stat().st_size for f in path.iterdir())
+
+
+def timed(cmd: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS MB) of one child process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/awqpad-bench"))
+    ap.add_argument("--layers", type=int, nargs="+", default=[4, 16])
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--tp", type=int, default=8)
+    ap.add_argument("--no-verify", action="store_true")
+    args = ap.parse_args()
+    awqpad = [sys.executable, "-m", "awqpad"]
+    results = []
+    for layers in args.layers:
+        root = args.workdir / f"L{layers}"
+        shutil.rmtree(root, ignore_errors=True)
+        src, dst, out = root / "src", root / "cp", root / "out"
+        size = make_checkpoint(src, layers)
+        runs = {"cp": [], "pad": [], "verify": []}
+        for _ in range(args.repeat):
+            shutil.rmtree(dst, ignore_errors=True)
+            runs["cp"].append(timed(["cp", "-r", str(src), str(dst)]))
+            runs["pad"].append(timed(awqpad + ["pad", str(src), str(out), "--tp", str(args.tp), "--force", "--quiet"]))
+            if not args.no_verify:
+                runs["verify"].append(timed(awqpad + ["verify", str(src), str(out), "--tp", str(args.tp), "--quiet"]))
+        med = {k: (statistics.median(w for w, _ in v), max(r for _, r in v)) for k, v in runs.items() if v}
+        row = {"layers": layers, "gb": round(size / 1e9, 2), "cp_s": round(med["cp"][0], 2), "pad_s": round(med["pad"][0], 2),
+               "pad_over_cp": round(med["pad"][0] / med["cp"][0], 3), "pad_peak_rss_mb": round(med["pad"][1], 1)}
+        if "verify" in med:
+            row.update(verify_s=round(med["verify"][0], 2), verify_over_cp=round(med["verify"][0] / med["cp"][0], 3),
+                       verify_peak_rss_mb=round(med["verify"][1], 1))
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        shutil.rmtree(root, ignore_errors=True)
+    print(json.dumps({"results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
