@@ -233,7 +233,7 @@ def make_plan(ckpt: Checkpoint, tps: tuple[int, ...], engine: str = "vllm", skip
 
     after = [v for e in engines for t in tps for v in evaluate(ckpt, e, t, widths)]
     if unsupported and (widths or any(v.paddable for v in before)):
-        blockers.append(Blocker(engine, max(tps), "unsupported-layout", unsupported, "padding is needed but this layout cannot be padded", ()))
+        blockers.append(Blocker(engine, max(tps), "unsupported-layout", unsupported, unsupported, ()))
         ops, dims = [], [dataclasses.replace(d, padded=d.original, added_bytes=0) for d in dims]
     for v in after:
         if v.severity == "fallback":
