@@ -72,6 +72,9 @@ class ShardWriter:
         finally:
             os.close(self.fd)
 
+    def abort(self) -> None:
+        os.close(self.fd)
+
 
 def _io(fn, *args, path: Path):
     try:
@@ -121,8 +124,10 @@ def write_shard(src_root: Path, header: ShardHeader, ops: dict[str, TensorOp], o
                 else:
                     _write_padded(writer, fd, info, op)
                 advance(nbytes)
-    finally:
-        writer.close(fsync=fsync)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close(fsync=fsync)
     return size
 
 

@@ -198,6 +198,9 @@ def pad_to_directory(ckpt: Checkpoint, plan: PadPlan, out: Path, *, force: bool 
                 tmp.rename(out)
             if fsync:
                 _fsync_dir(out.resolve().parent)
+        except KeyboardInterrupt:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise OutputError(f"{out}: interrupted; the partial output was removed and {out} was not written") from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

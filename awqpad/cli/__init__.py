@@ -62,8 +62,15 @@ _register()
 
 
 def main() -> None:
+    # standalone_mode=False: click hands every outcome back here, so one table decides what users see.
     try:
-        app()
+        code = app(standalone_mode=False)
+    except typer.TyperException as exc:  # usage errors: the framework's own message, exit 2
+        exc.show()
+        sys.exit(getattr(exc, "exit_code", 2))
+    except typer.Abort:
+        print("awqpad: interrupted", file=sys.stderr)
+        sys.exit(130)
     except AwqpadError as exc:
         message = f"awqpad: error: {exc.message}"
         if exc.hint:
@@ -78,3 +85,6 @@ def main() -> None:
             traceback.print_exc()
         print(f"awqpad: internal error: {exc.__class__.__name__}: {exc} (set AWQPAD_DEBUG=1 for a traceback)", file=sys.stderr)
         sys.exit(70)
+    if code == 130:  # the framework turns Ctrl-C into exit code 130 without a word
+        print("awqpad: interrupted", file=sys.stderr)
+    sys.exit(code if isinstance(code, int) else 0)
