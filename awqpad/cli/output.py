@@ -20,6 +20,8 @@ class Output:
         self.json_mode = json_mode
         self.quiet = quiet
         self.console = Console(highlight=False, soft_wrap=False)
+        if not self.console.is_terminal:  # pipes and logs: wide lines that grep can find, no wrapping at 80
+            self.console = Console(highlight=False, width=200)
         self.err = Console(stderr=True, highlight=False)
         self.interactive = self.err.is_terminal and not json_mode and not quiet
 
