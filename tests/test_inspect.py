@@ -1,0 +1,112 @@
+"""`awqpad inspect` on every fixture format and architecture: the facts, human and JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from awqpad.checkpoint import read_checkpoint
+from awqpad.report import inspect_report
+from awqpad.source import resolve_source
+from tests.factory import ARCHS, MOE_ARCHS, Model, Quant, build_checkpoint
+
+BASE = dict(hidden=512, heads=8, kv_heads=4, head_dim=64)
+FORMATS = {
+    "awq": (Quant("awq", sym=False), "awq-gemm"),
+    "gptq-v2-act-order": (Quant("gptq", sym=False, checkpoint_format="gptq_v2", desc_act=True), "gptq"),
+    "ct-asym": (Quant("ct", sym=False, group_size=64), "compressed-tensors"),
+    "bf16": (Quant("bf16"), "dense"),
+}
+
+
+def model_for(arch: str) -> Model:
+    if arch not in MOE_ARCHS:
+        return Model(arch, **BASE)
+    extra = {"mixtral": {}, "qwen2_moe": dict(moe_intermediate=768, shared_intermediate=1408),
+             "qwen3_moe": dict(moe_intermediate=768), "deepseek_v2": dict(moe_intermediate=768, n_shared_experts=2, first_k_dense=1)}
+    return Model(arch, **BASE, experts=3, **extra[arch])
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+@pytest.mark.parametrize("arch", ARCHS)
+def test_inspect_every_arch_and_format(tmp_path, arch, fmt):
+    quant, expected_format = FORMATS[fmt]
+    fx = build_checkpoint(tmp_path / "m", model_for(arch), quant, shards=2, data=False)
+    report = inspect_report(read_checkpoint(resolve_source(str(tmp_path / "m"))))
+    assert report.format == expected_format
+    assert report.family_known
+    assert not [f for f in report.findings if f["level"] != "info"], report.findings
+    if quant.method != "bf16":
+        assert report.quantization["bits"] == 4 and report.quantization["group_size"] == quant.group_size
+        assert report.linears_quantized > 0
+    else:
+        assert report.quantization == {"method": "none"} and report.linears_quantized == 0
+    dims = report.dims
+    assert dims["hidden_size"] == 512 and dims["heads"] == 8
+    if arch != "deepseek_v2":
+        assert dims["kv_heads"] == 4 and dims["head_dim"] == 64
+    widths = {k: v["tensors"] for k, v in dims.items() if isinstance(v, dict)}
+    m = fx.model
+    if arch == "mixtral":
+        assert widths == {"intermediate_size": m.intermediate}
+    elif arch == "qwen2_moe":
+        assert widths == {"moe_intermediate_size": 768, "shared_expert_intermediate_size": 1408}
+    elif arch == "qwen3_moe":
+        assert widths == {"moe_intermediate_size": 768}
+    elif arch == "deepseek_v2":
+        assert widths == {"intermediate_size": m.intermediate, "moe_intermediate_size": 768, "shared_width": 1536}
+    elif arch == "chatglm":
+        assert widths == {"ffn_hidden_size": m.intermediate}
+    else:
+        assert widths == {"intermediate_size": m.intermediate}
+    if arch in ("qwen2_vl", "qwen2_5_vl_nested", "internvl"):
+        assert report.vision_tensors > 0
+    statuses = {row.tp: row.status for row in report.tp_table}
+    assert statuses[1] == "loadable"
+    assert statuses[16] == "blocked"  # 8 heads
+    if quant.method != "bf16":
+        assert statuses[4] == "needs padding"
+        # Qwen3-MoE's only width is 768 = 3 groups per rank at TP 2
+        assert statuses[2] == ("loadable" if arch == "qwen3_moe" else "needs padding")
+
+
+def test_config_smaller_than_tensors_is_reported(tmp_path):
+    """Users hand-edit intermediate_size 29568 -> 29440 and silently drop weights."""
+    fx = build_checkpoint(tmp_path / "m", Model("qwen2", **BASE), Quant("awq", sym=False), shards=1, data=False)
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["intermediate_size"] = 2304
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    report = inspect_report(read_checkpoint(resolve_source(str(tmp_path / "m"))))
+    errors = [f["message"] for f in report.findings if f["level"] == "error"]
+    assert errors and "SMALLER than the tensors (2432)" in errors[0] and "drop 128 channels" in errors[0]
+    assert report.dims["intermediate_size"] == {"tensors": fx.model.intermediate, "config": 2304}
+
+
+def test_cli_human_and_json_agree(tmp_path):
+    build_checkpoint(tmp_path / "m", Model("qwen2", **BASE), Quant("gptq", group_size=64), shards=2)
+    human = subprocess.run([sys.executable, "-m", "awqpad", "inspect", str(tmp_path / "m")], capture_output=True, text=True)
+    data = subprocess.run([sys.executable, "-m", "awqpad", "inspect", str(tmp_path / "m"), "--json"], capture_output=True, text=True)
+    assert human.returncode == data.returncode == 0
+    report = json.loads(data.stdout)
+    assert report["format"] == "gptq" and report["quantization"]["group_size"] == 64
+    assert report["quantization"]["checkpoint_format"] == "gptq" and report["quantization"]["sym"] is True
+    assert [row["status"] for row in report["tp_table"]] == ["loadable", "needs padding", "needs padding", "blocked", "blocked"]
+    for fact in ("gptq", "group_size=64", "2432", "needs padding", "loadable", "8 heads, 4 KV heads"):
+        assert fact in human.stdout, fact
+
+
+def test_inspect_reads_headers_only_and_is_fast(tmp_path):
+    """A sparse 80-layer Qwen2-72B-shaped AWQ checkpoint (~40 GB apparent): headers only, well under a second."""
+    model = Model("qwen2", hidden=8192, intermediate=29568, heads=64, kv_heads=8, head_dim=128, layers=80, vocab=152064)
+    build_checkpoint(tmp_path / "big", model, Quant("awq", sym=False), shards=8, data=False)
+    size = sum(p.stat().st_size for p in (tmp_path / "big").glob("*.safetensors"))
+    assert size > 30e9
+    start = time.perf_counter()
+    report = inspect_report(read_checkpoint(resolve_source(str(tmp_path / "big"))))
+    elapsed = time.perf_counter() - start
+    assert report.dims["intermediate_size"]["tensors"] == 29568
+    assert elapsed < 1.0, elapsed
