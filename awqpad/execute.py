@@ -143,6 +143,9 @@ def _fill_array(fill: Fill, dtype: str, count: int) -> np.ndarray:
     raise ValueError(f"unknown fill {fill.kind}")
 
 
+IOV_MAX = 1024  # iovecs per preadv call (Linux UIO_MAXIOV)
+
+
 def _write_padded(writer: ShardWriter, fd: int, info: TensorInfo, op: TensorOp) -> None:
     if tuple(info.shape) != tuple(op.old_shape) or info.dtype != op.dtype:
         raise InputError(f"{info.name}: plan expects {op.dtype}{list(op.old_shape)} but the shard has {info.dtype}{list(info.shape)}")
@@ -154,32 +157,50 @@ def _write_padded(writer: ShardWriter, fd: int, info: TensorInfo, op: TensorOp) 
     row_bytes = length * inner * size
     inserts = sorted(op.inserts, key=lambda i: i.at)
     fills = [_fill_array(ins.fill, info.dtype, ins.count * inner) for ins in inserts]
+    new_length = length + sum(ins.count for ins in inserts)
     what = f"{info.shard}: {info.name}"
+    # (source start, source end, destination start) of each original stretch along the padded axis
+    segments, cursor, shift = [], 0, 0
+    for ins in inserts:
+        segments.append((cursor, ins.at, cursor + shift))
+        cursor, shift = ins.at, shift + ins.count
+    segments.append((cursor, length, cursor + shift))
+    segments = [seg for seg in segments if seg[1] > seg[0]]
 
-    if row_bytes * max(outer, 1) <= BLOCK_BYTES or row_bytes <= BLOCK_BYTES // 4:
-        rows_per_block = max(1, BLOCK_BYTES // max(row_bytes, 1))
-        for start in range(0, outer, rows_per_block):
-            n = min(rows_per_block, outer - start)
-            block = np.frombuffer(pread_exact(fd, n * row_bytes, info.begin + start * row_bytes, what), dtype=raw)
-            block = block.reshape(n, length, inner)
-            pieces, cursor = [], 0
+    out_row_bytes = new_length * inner * size
+    if out_row_bytes > BLOCK_BYTES:
+        # Rows too big for one block (e.g. appending rows to a huge [K, N/8] tensor): copy original
+        # stretches in the kernel (copy_file_range) and write the fill in bounded pieces.
+        for r in range(outer):
+            base = info.begin + r * row_bytes
+            cursor = 0
             for ins, fill in zip(inserts, fills):
-                pieces.append(block[:, cursor : ins.at, :])
-                pieces.append(np.broadcast_to(fill.reshape(1, ins.count, inner), (n, ins.count, inner)))
+                writer.copy_from(fd, base + cursor * inner * size, (ins.at - cursor) * inner * size, what)
+                _write_repeated(writer, fill)
                 cursor = ins.at
-            pieces.append(block[:, cursor:, :])
-            writer.write(np.ascontiguousarray(np.concatenate(pieces, axis=1)))
+            writer.copy_from(fd, base + cursor * inner * size, (length - cursor) * inner * size, what)
         return
-    # Rows too big for one block (e.g. appending rows to a huge [K, N/8] tensor): copy original
-    # stretches with copy_file_range and write the fill in bounded pieces.
-    for r in range(outer):
-        base = info.begin + r * row_bytes
-        cursor = 0
-        for ins, fill in zip(inserts, fills):
-            writer.copy_from(fd, base + cursor * inner * size, (ins.at - cursor) * inner * size, what)
-            _write_repeated(writer, fill)
-            cursor = ins.at
-        writer.copy_from(fd, base + cursor * inner * size, (length - cursor) * inner * size, what)
+    # Small rows: read a block of rows straight into their places in a pre-filled output buffer
+    # (preadv scatters each row's stretches around the fill), then write the block: one copy in, one out.
+    rows_per_block = max(1, min(outer, BLOCK_BYTES // out_row_bytes))
+    buf = np.empty((rows_per_block, new_length, inner), dtype=raw)
+    dst = 0
+    for ins, fill in zip(inserts, fills):
+        at = ins.at + dst
+        buf[:, at : at + ins.count, :] = fill.reshape(1, ins.count, inner)
+        dst += ins.count
+    for start in range(0, outer, rows_per_block):
+        n = min(rows_per_block, outer - start)
+        views = [memoryview(buf[r, d : d + (e - s), :]).cast("B") for r in range(n) for s, e, d in segments]
+        offset = info.begin + start * row_bytes
+        for i in range(0, len(views), IOV_MAX):
+            batch = views[i : i + IOV_MAX]
+            want = sum(v.nbytes for v in batch)
+            got = os.preadv(fd, batch, offset)
+            if got != want:
+                raise InputError(f"{what}: file ended after {got} of {want} bytes (truncated?)")
+            offset += want
+        writer.write(buf[:n])
 
 
 def _write_repeated(writer: ShardWriter, fill: np.ndarray) -> None:

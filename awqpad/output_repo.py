@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,6 +134,16 @@ def _alive(pid: int) -> bool:
     return pid != os.getpid()
 
 
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        raise OutputError(f"{path}: flushing to disk failed ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -180,14 +191,25 @@ def pad_to_directory(ckpt: Checkpoint, plan: PadPlan, out: Path, *, force: bool 
     with _terminate_as_interrupt():
         try:
             tmp.mkdir()
-            for shard in ckpt.shards:
-                shard_ops = {n: ops[n] for n in shard.tensors if n in ops}
-                written += write_shard(src, shard, shard_ops, tmp / shard.filename, progress, fsync)
+            # Each finished shard is fsynced in the background while the next one is written.
+            with ThreadPoolExecutor(max_workers=1) as syncer:
+                pending = []
+                for shard in ckpt.shards:
+                    shard_ops = {n: ops[n] for n in shard.tensors if n in ops}
+                    written += write_shard(src, shard, shard_ops, tmp / shard.filename, progress, fsync=False)
+                    if fsync:
+                        pending.append(syncer.submit(_fsync_file, tmp / shard.filename))
+                for job in pending:
+                    job.result()
             _write_index(ckpt, plan, tmp)
             _write_config(ckpt, plan, tmp)
             copied, skipped = _copy_tagalong(ckpt, plan, tmp, fsync)
             _write_provenance(ckpt, plan, tmp)
             if fsync:
+                shard_names = {s.filename for s in ckpt.shards}
+                for path in tmp.rglob("*"):
+                    if path.is_file() and path.name not in shard_names:
+                        _fsync_file(path)
                 _fsync_dir(tmp)
             if out.exists():  # --force: swap the old directory out only once the new one is complete
                 old = out.parent / f".{out.name}{PARTIAL_TAG}old-{os.getpid()}"
