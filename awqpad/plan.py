@@ -326,6 +326,8 @@ def plan_summary(plan: PadPlan, with_tensors: bool = False) -> dict:
         "added_bytes": plan.added_bytes,
         "total_bytes": plan.total_bytes,
         "added_percent": round(100 * plan.added_bytes / plan.total_bytes, 4) if plan.total_bytes else 0.0,
+        # MLP FLOPs grow with the width: per padded kind, the extra share of that kind's matmul work
+        "added_flops_percent": {d.kind: round(100 * d.added_fraction, 3) for d in plan.changed_dims},
         "config_updates": plan.config_updates,
         "warnings": list(plan.warnings),
         "notes": list(plan.notes),

@@ -57,7 +57,7 @@ def render(plan: PadPlan, summary: dict, console: Console) -> None:
     changed = plan.changed_dims
     if changed:
         dims = Table(title="Padding plan", title_justify="left")
-        for col in ("dimension", "original", "padded", "modules", "added", "%"):
+        for col in ("dimension", "original", "padded", "modules", "added bytes", "+% weight/FLOPs"):
             dims.add_column(col, justify="left" if col == "dimension" else "right")
         for d in changed:
             dims.add_row(d.config_key or f"{d.kind} (derived)", str(d.original), str(d.padded), str(d.modules),
