@@ -37,6 +37,7 @@ class InspectReport:
     engine: str
     tp_table: tuple[TpStatus, ...]
     findings: tuple[dict, ...]
+    fetched_bytes: int | None = None  # hub sources: what describing it cost
 
 
 def _quant_summary(ckpt: Checkpoint) -> dict:

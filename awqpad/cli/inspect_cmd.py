@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from rich.console import Console
 from rich.table import Table
 
@@ -62,5 +64,9 @@ def inspect(src: SrcArg, engine: EngineOpt = DEFAULT_ENGINE, json_out: JsonOpt =
     if engine not in ENGINES:
         raise InputError(f"--engine {engine!r} is not one of {', '.join(ENGINES)}")
     out = Output(json_out, quiet)
-    report = inspect_report(read_checkpoint(resolve_source(src, headers_only=True)), engine)
+    source = resolve_source(src, headers_only=True, progress=out.interactive)
+    report = inspect_report(read_checkpoint(source), engine)
+    if source.is_hub:
+        out.info(f"fetched {human_bytes(source.fetched_bytes)} from the Hub (config, index, safetensors headers; no weights)")
+        report = dataclasses.replace(report, fetched_bytes=source.fetched_bytes)
     out.result(report, lambda console: render(report, console))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -14,9 +14,10 @@ from awqpad.cli.options import EngineOpt, JsonOpt, QuietOpt, SkipExpertsOpt, Src
 from awqpad.cli.output import Output
 from awqpad.engines import DEFAULT_ENGINE, ENGINE_CHOICES
 from awqpad.errors import BlockedError, InputError
+from awqpad.hub import push_to_hub
 from awqpad.output_repo import PROVENANCE, pad_to_directory
 from awqpad.plan import make_plan, plan_summary
-from awqpad.source import resolve_source
+from awqpad.source import parse_repo_spec, resolve_source
 
 HELP = """Write a padded copy of SRC to OUT that loads at the given TP size(s). SRC is never modified;
 OUT appears only when complete (written to a hidden temp sibling, fsynced, then renamed).
@@ -27,6 +28,9 @@ Exit codes: 0 written (or nothing to do / already padded), 2 bad input, 3 blocke
 
 OutArg = Annotated[Path, typer.Argument(help="Output directory (must not exist unless --force).", show_default=False)]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace OUT if it exists (only after the new output is complete).")]
+PushOpt = Annotated[Optional[str], typer.Option("--push-to-hub", metavar="ORG/NAME", show_default=False,
+                    help="Upload OUT to this Hub repo after padding (private unless --public; needs HF_TOKEN with write access).")]
+PublicOpt = Annotated[bool, typer.Option("--public", help="With --push-to-hub: create the repo public.")]
 
 
 def pad(
@@ -36,13 +40,19 @@ def pad(
     engine: EngineOpt = DEFAULT_ENGINE,
     skip_experts: SkipExpertsOpt = False,
     force: ForceOpt = False,
+    push_repo: PushOpt = None,
+    public: PublicOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     if engine not in ENGINE_CHOICES:
         raise InputError(f"--engine {engine!r} is not one of {', '.join(ENGINE_CHOICES)}")
+    if public and not push_repo:
+        raise InputError("--public needs --push-to-hub ORG/NAME")
+    if push_repo and (parse_repo_spec(push_repo) is None or "@" in push_repo):
+        raise InputError(f"--push-to-hub {push_repo!r}: expected ORG/NAME")
     out = Output(json_out, quiet)
-    ckpt = read_checkpoint(resolve_source(src))
+    ckpt = read_checkpoint(resolve_source(src, progress=out.interactive))
     plan = make_plan(ckpt, tuple(tp), engine, skip_experts)
     summary = {"source": ckpt.source.source_id, "revision": ckpt.source.revision, "out": None, "tp": list(plan.tp),
                "engine": engine, "plan": plan_summary(plan)}
@@ -55,6 +65,8 @@ def pad(
         status = "already padded" if already else "nothing to do"
         summary["status"] = status
         message = (f"{status}: {src} already loads at TP {', '.join(map(str, plan.tp))} under {engine} rules; nothing written")
+        if push_repo:
+            out.warn("nothing written, so nothing pushed")
         out.result(summary, lambda console: console.print(message))
         return
     for warning in plan.warnings:
@@ -65,6 +77,10 @@ def pad(
     summary.update(status="padded", out=result.out, shards=list(result.shards), bytes_written=result.bytes_written,
                    seconds=round(result.seconds, 3), padded_tensors=result.padded_tensors,
                    copied_files=list(result.copied_files), skipped_files=list(result.skipped_files))
+    if push_repo:
+        summary["pushed"] = push_to_hub(Path(result.out), push_repo, private=not public, source_id=ckpt.source.source_id,
+                                        source_revision=ckpt.source.revision, source_hub=ckpt.source.is_hub,
+                                        progress=out.interactive)
 
     def render(console: Console) -> None:
         dims = ", ".join(f"{d.config_key or d.kind} {d.original} -> {d.padded}" for d in plan.changed_dims)
@@ -72,6 +88,8 @@ def pad(
                       f"{human_bytes(result.bytes_written)} in {result.seconds:.1f} s -> {result.out}")
         for name in result.skipped_files:
             console.print(f"  skipped {name} (non-safetensors weights would be stale copies)")
+        if summary.get("pushed"):
+            console.print(f"pushed -> {summary['pushed']}")
         console.print(f"next: awqpad verify {src} {result.out} " + " ".join(f"--tp {t}" for t in plan.tp))
         console.print(f"      vllm serve {result.out} --tensor-parallel-size {max(plan.tp)}")
 

@@ -101,8 +101,12 @@ def plan(
     if engine not in ENGINE_CHOICES:
         raise InputError(f"--engine {engine!r} is not one of {', '.join(ENGINE_CHOICES)}")
     out = Output(json_out, quiet)
-    result = make_plan(read_checkpoint(resolve_source(src, headers_only=True)), tuple(tp), engine, skip_experts)
+    source = resolve_source(src, headers_only=True, progress=out.interactive)
+    result = make_plan(read_checkpoint(source), tuple(tp), engine, skip_experts)
     summary = plan_summary(result, tensors)
+    if source.is_hub:
+        out.info(f"fetched {human_bytes(source.fetched_bytes)} from the Hub (config, index, safetensors headers; no weights)")
+        summary["fetched_bytes"] = source.fetched_bytes
     summary["next"] = next_commands(result, src)
     out.result(summary, lambda console: render(result, summary, console))
     if result.blocked:
