@@ -42,7 +42,7 @@ import torch
 __all__ = [
     "ARCHS", "METHODS", "Quant", "Model", "Fixture", "Linear",
     "build_checkpoint", "arch_linears", "effective_model",
-    "dequantize", "dequantize_module", "dequant_awq", "dequant_gptq", "dequant_ct",
+    "dequantize", "dequantize_module", "dequantize_all", "DequantError", "dequant_awq", "dequant_gptq", "dequant_ct",
     "pack", "unpack", "awq_pack", "awq_unpack", "quantize_rtn",
     "load_tensors", "read_index", "shard_files", "mlp_forward", "linear_forward", "silu", "encode_header",
     "AWQ_ORDER", "AWQ_INV", "W8", "W7", "rel_err",
@@ -128,9 +128,10 @@ class Fixture:
     linears: dict[str, Linear] = field(default_factory=dict)          # every linear module, in state-dict order
     module_quant: dict[str, Quant | None] = field(default_factory=dict)  # prefix -> resolved Quant, None = plain
     original: dict[str, np.ndarray] = field(default_factory=dict)     # prefix -> float64 W before quantization
-    codes: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # prefix -> (q [N,K], z [N,G]) unsigned
+    # prefix -> (q [N, K], z [N, G]) unsigned integer codes and zero points (quantized modules only)
+    codes: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     g_idx: dict[str, np.ndarray] = field(default_factory=dict)        # prefix -> [K] group of each input
-    others: dict[str, np.ndarray] = field(default_factory=dict)       # non-linear tensors (norms, embeddings...) float64
+    others: dict[str, np.ndarray] = field(default_factory=dict)       # norms, embeddings... as float64
     tensors: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)  # name -> (dtype, shape)
     weight_map: dict[str, str] = field(default_factory=dict)          # name -> shard file
     shard_names: list[str] = field(default_factory=list)
@@ -187,70 +188,109 @@ def awq_unpack(words: np.ndarray) -> np.ndarray:
 # Reference dequantizers (float64, return W [out, in])
 # --------------------------------------------------------------------------------------------------
 
-def _f64(a) -> np.ndarray:
-    if isinstance(a, torch.Tensor):
-        a = a.detach()
-        if a.dtype == torch.bfloat16:
-            a = a.float()
-        a = a.numpy()
-    return np.asarray(a).astype(np.float64)
+def _bf16_bits(a: np.ndarray) -> np.ndarray:
+    """float -> bfloat16 bit patterns (uint16), round-to-nearest-even via float32, as torch does."""
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    return ((u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)).astype(np.uint16)
+
+
+def _bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    return (np.asarray(bits).astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
 def _np(a) -> np.ndarray:
+    """numpy view of a tensor/array; bf16 torch tensors become float32 (exact)."""
     if isinstance(a, torch.Tensor):
-        a = a.detach()
+        a = a.detach().cpu()
         if a.dtype == torch.bfloat16:
-            a = a.float()
+            return _bf16_to_f32(a.contiguous().view(torch.int16).numpy().view(np.uint16))
         return a.numpy()
     return np.asarray(a)
 
 
+def _f64(a) -> np.ndarray:
+    return _np(a).astype(np.float64)
+
+
+class DequantError(ValueError):
+    """The tensors of one module are inconsistent (shapes, group counts, g_idx): a bug in whoever wrote them."""
+
+
+def _group_of(K: int, G: int, group_size, g_idx=None) -> np.ndarray:
+    if g_idx is not None:
+        gi = _np(g_idx).astype(np.int64)
+        if gi.shape != (K,):
+            raise DequantError(f"g_idx has shape {gi.shape}, expected ({K},)")
+        if K and (gi.min() < 0 or gi.max() >= G):
+            raise DequantError(f"g_idx values {gi.min()}..{gi.max()} outside 0..{G - 1}")
+        return gi
+    g = K // G if group_size in (-1, None) else int(group_size)
+    if G * g != K:
+        raise DequantError(f"{K} inputs do not form {G} groups of {g}")
+    return np.arange(K) // g
+
+
 def dequant_awq(qweight, qzeros, scales, group_size: int = 128) -> np.ndarray:
-    """AutoAWQ GEMM (fmt §1): W^T[k, n] = (q[k, n] - z[k//g, n]) * s[k//g, n]. group_size -1 = per-channel.
-    The group of row k is k // (K / G), which equals k // group_size for whole groups."""
+    """AutoAWQ GEMM (fmt §1): W^T[k, n] = (q[k, n] - z[k//g, n]) * s[k//g, n]; returns W [N, K] float64.
+    group_size -1 = per-channel (one group). qzeros None reads as zero 8 (our AWQ zero_point=false layout
+    writes qzeros 0x88888888, so both readings agree)."""
     q = awq_unpack(_np(qweight))                      # [K, N]
     s = _f64(scales)                                  # [G, N]
     z = awq_unpack(_np(qzeros)) if qzeros is not None else np.full(s.shape, 8, np.int64)
-    K, G = q.shape[0], s.shape[0]
-    g = K // G if group_size in (-1, None) else group_size
-    k = np.arange(K) // g
+    K, N = q.shape
+    if s.shape[1] != N or z.shape != s.shape:
+        raise DequantError(f"qweight {q.shape} (unpacked), qzeros {z.shape}, scales {s.shape} disagree")
+    k = _group_of(K, s.shape[0], group_size)
     return ((q - z[k]) * s[k]).T
 
 
 def dequant_gptq(qweight, qzeros, scales, g_idx=None, bits: int = 4, v2: bool = False,
                  marlin_sym: bool = False) -> np.ndarray:
-    """GPTQ (fmt §3): W^T[k, n] = s[g_idx[k], n] * (q[k, n] - z_eff[g_idx[k], n]); z_eff = stored+1 (v1, the
-    unmasked reading) or stored (v2). marlin_sym: vLLM gptq_marlin/Machete/ExLlama sym path -- qzeros ignored,
-    z = 2^(b-1). g_idx None = k // (K/G)."""
+    """GPTQ (fmt §3): W^T[k, n] = s[g_idx[k], n] * (q[k, n] - z_eff[g_idx[k], n]); returns W [N, K] float64.
+    z_eff = stored + 1 (v1, the unmasked reading: a stored 0xF would mean 16) or stored (v2).
+    marlin_sym: vLLM gptq_marlin / Machete / ExLlama symmetric path -- qzeros ignored, z = 2^(b-1).
+    g_idx None = trivial k // (K/G)."""
     q = unpack(_np(qweight), bits, 0)                 # [K, N]
     s = _f64(scales)                                  # [G, N]
-    K, G = q.shape[0], s.shape[0]
-    gi = np.arange(K) // (K // G) if g_idx is None else _np(g_idx).astype(np.int64)
+    K, N = q.shape
+    G = s.shape[0]
+    if s.shape[1] != N:
+        raise DequantError(f"qweight {q.shape} (unpacked) and scales {s.shape} disagree")
+    gi = _group_of(K, G, None, g_idx)
     if marlin_sym:
         z = np.full(s.shape, 1 << (bits - 1), np.int64)
     else:
         z = unpack(_np(qzeros), bits, 1) + (0 if v2 else 1)
+        if z.shape != s.shape:
+            raise DequantError(f"qzeros {z.shape} (unpacked) and scales {s.shape} disagree")
     return ((q - z[gi]) * s[gi]).T
 
 
 def dequant_ct(weight_packed, weight_scale, weight_zero_point=None, g_idx=None, group_size: int = 128,
                bits: int = 4, shape=None) -> np.ndarray:
-    """compressed-tensors pack-quantized (fmt §4): W[n, k] = (q_signed - zp_signed[n, g(k)]) * s[n, g(k)],
-    stored = signed + 2^(b-1), weight packed along K, zero point packed along N. g(k) = g_idx[k] or
-    k // (K/G) (equals k // group_size). `shape` (weight_shape) truncates padded packing, if given."""
+    """compressed-tensors pack-quantized (fmt §4): W[n, k] = (q_signed - zp_signed[n, g(k)]) * s[n, g(k)];
+    returns W [N, K] float64. Stored = signed + 2^(b-1); weight packed along K, zero point packed along N.
+    g(k) = g_idx[k] or k // (K/G). `shape` (weight_shape) must agree with the packed tensor when given: a stale
+    weight_shape is an error, not something to truncate silently."""
     mid = 1 << (bits - 1)
-    q = unpack(_np(weight_packed), bits, 1) - mid     # [N, K']
+    pf = 32 // bits
+    q = unpack(_np(weight_packed), bits, 1) - mid     # [N, K]
     s = _f64(weight_scale)                            # [N, G]
     if shape is not None:
         n, k = (int(x) for x in _np(shape))
-        q = q[:n, :k]
+        if n != q.shape[0] or -(-k // pf) != _np(weight_packed).shape[1]:
+            raise DequantError(f"weight_shape {[n, k]} does not match weight_packed {tuple(_np(weight_packed).shape)}")
+        q = q[:, :k]
     N, K = q.shape
-    G = s.shape[1]
-    gi = np.arange(K) // (K // G) if g_idx is None else _np(g_idx).astype(np.int64)
+    if s.shape[0] != N:
+        raise DequantError(f"weight_scale {s.shape} does not match {N} outputs")
+    gi = _group_of(K, s.shape[1], group_size, g_idx)
     w = q.astype(np.float64)
     if weight_zero_point is not None:
-        zp = unpack(_np(weight_zero_point), bits, 0)[:N] - mid  # [N, G]
-        w = w - zp[:, gi]
+        zp = unpack(_np(weight_zero_point), bits, 0) - mid  # [ceil(N/pf)*pf, G]
+        if zp.shape[0] < N or zp.shape[0] - N >= pf or zp.shape[1] != s.shape[1]:
+            raise DequantError(f"weight_zero_point {tuple(_np(weight_zero_point).shape)} does not match {s.shape}")
+        w = w - zp[:N][:, gi]
     return w * s[:, gi]
 
 
@@ -289,16 +329,26 @@ def dequantize_module(all_tensors: dict, prefix: str, method_info) -> np.ndarray
     return dequantize(method_info, sub)
 
 
+def dequantize_all(all_tensors: dict, fx: "Fixture", prefixes=None) -> dict[str, np.ndarray]:
+    """Dequantize every linear module of `fx` (or `prefixes`) out of a loaded checkpoint, e.g. awqpad's padded
+    output, using each module's own quantization (GPTQ `dynamic` included); plain `.weight` modules as stored."""
+    return {p: dequantize_module(all_tensors, p, fx.module_quant.get(p) or fx.quant)
+            for p in (fx.linears if prefixes is None else prefixes)}
+
+
 # --------------------------------------------------------------------------------------------------
 # Round-to-nearest quantizer
 # --------------------------------------------------------------------------------------------------
 
 def _to_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64)).to(_ST_DTYPE[dtype])
+    """float64 array -> torch tensor of the safetensors dtype (numpy conversions: no torch thread pool)."""
+    if dtype == "BF16":
+        return torch.from_numpy(_bf16_bits(a).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(a, dtype={"F16": np.float16, "F32": np.float32}[dtype]))
 
 
 def _stored_f64(t: torch.Tensor) -> np.ndarray:
-    return t.to(torch.float64).numpy()
+    return _f64(t)
 
 
 def quantize_rtn(W: np.ndarray, g_idx: np.ndarray, G: int, bits: int, sym: bool, style: str,
@@ -471,8 +521,10 @@ def _attn(m: Model, p: str, arch: str) -> list:
                 Linear(f"{p}.self_attention.dense", H, nh * hd, False, True, "o")]
     if arch == "deepseek_v2":
         d = _mla_dims(m)
-        return [Linear(f"{p}.self_attn.q_proj", nh * (d["qk_nope_head_dim"] + d["qk_rope_head_dim"]), H, False, True, "mla"),
-                Linear(f"{p}.self_attn.kv_a_proj_with_mqa", d["kv_lora_rank"] + d["qk_rope_head_dim"], H, False, True, "mla"),
+        qk = d["qk_nope_head_dim"] + d["qk_rope_head_dim"]
+        return [Linear(f"{p}.self_attn.q_proj", nh * qk, H, False, True, "mla"),
+                Linear(f"{p}.self_attn.kv_a_proj_with_mqa", d["kv_lora_rank"] + d["qk_rope_head_dim"], H, False, True,
+                       "mla"),
                 _Plain(f"{p}.self_attn.kv_a_layernorm.weight", (d["kv_lora_rank"],), "norm"),
                 Linear(f"{p}.self_attn.kv_b_proj", nh * (d["qk_nope_head_dim"] + d["v_head_dim"]), d["kv_lora_rank"],
                        False, True, "mla"),
@@ -483,11 +535,12 @@ def _attn(m: Model, p: str, arch: str) -> list:
            Linear(f"{p}.self_attn.v_proj", nkv * hd, H, bias, True, "v"),
            Linear(f"{p}.self_attn.o_proj", H, nh * hd, False, True, "o")]
     if arch == "qwen3_moe":
-        out += [_Plain(f"{p}.self_attn.q_norm.weight", (hd,), "norm"), _Plain(f"{p}.self_attn.k_norm.weight", (hd,), "norm")]
+        out += [_Plain(f"{p}.self_attn.q_norm.weight", (hd,), "norm"),
+                _Plain(f"{p}.self_attn.k_norm.weight", (hd,), "norm")]
     return out
 
 
-def _gated(p: str, H: int, I: int, role_block: str = "") -> list:
+def _gated(p: str, H: int, I: int) -> list:
     return [Linear(f"{p}.gate_proj", I, H, False, True, "gate"),
             Linear(f"{p}.up_proj", I, H, False, True, "up"),
             Linear(f"{p}.down_proj", H, I, False, True, "down")]
@@ -906,6 +959,8 @@ def build_checkpoint(path, model: Model = Model(), quant: Quant = Quant("awq"), 
     `weights` empty) -- for modelling huge real configs in milliseconds."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    for stale in [*path.glob("model*.safetensors"), path / "model.safetensors.index.json"]:
+        stale.unlink(missing_ok=True)  # a rebuild with fewer shards must not leave old shards behind
     m = effective_model(model)
     qt = quant
     if qt.method not in METHODS:
@@ -945,7 +1000,7 @@ def build_checkpoint(path, model: Model = Model(), quant: Quant = Quant("awq"), 
         for e in layout:
             if isinstance(e, _Plain):
                 store[e.name] = _init_plain(e, rng, dtype)
-                fx.others[e.name] = store[e.name].double().numpy()
+                fx.others[e.name] = _stored_f64(store[e.name])
                 continue
             W = _random_weight(rng, e.out, e.inp)
             mq = mquant[e.prefix]
@@ -1017,7 +1072,7 @@ def load_tensors(path) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for f in files:
         for k, t in load_file(str(f)).items():
-            out[k] = (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+            out[k] = _np(t)
     return out
 
 
@@ -1046,4 +1101,6 @@ def mlp_forward(weights: dict, prefix_gate: str, prefix_up: str | None, prefix_d
 
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+    """||a - b|| / ||b|| (Frobenius; plain numpy sums, no BLAS threads)."""
+    d = np.asarray(a, np.float64) - b
+    return float(np.sqrt(np.square(d).sum()) / max(np.sqrt(np.square(np.asarray(b, np.float64)).sum()), 1e-300))
