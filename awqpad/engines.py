@@ -65,7 +65,7 @@ VLLM = VLLM_COMMON + tuple(
 ) + (
     Rule("attn-o-groups", "attn.K_r", "lcm(group,128)", MARLIN_K, "vllm marlin_utils.py verify_marlin_supports_shape on o_proj", True),
     Rule("attn-qkv-marlin-n", "attn.N_r", "64", MARLIN_N, "vllm marlin_utils.py verify_marlin_supports_shape on qkv_proj", True),
-    Rule("expert-marlin", "expert.K_r", "lcm(group,128)", MOE_FALLBACK, "vllm marlin_utils.py check_moe_marlin_supports_layer; moe_wna16.py", True),
+    Rule("expert-marlin", "expert.K_r", "lcm(group,128)", MOE_FALLBACK, "vllm marlin_utils.py check_moe_marlin_supports_layer; moe_wna16.py", True, "fallback"),
     Rule("expert-hidden", "hidden", "128", "MoE Marlin needs hidden_size % 128 == 0 (hidden_size = {value}); falls back to Moe WNA16", "vllm marlin_utils.py check_moe_marlin_supports_layer", True, "fallback"),
 )
 
@@ -90,7 +90,7 @@ SGLANG = VLLM_COMMON + tuple(
     )
 ) + (
     Rule("attn-o-groups", "attn.K_r", "lcm(group,128)", MARLIN_K, "sglang marlin_utils.py verify_marlin_supports_shape on o_proj", True),
-    Rule("expert-marlin", "expert.K_r", "max(64,group)", MOE_FALLBACK, "sglang awq/awq.py check_moe_marlin_supports_layer", True),
+    Rule("expert-marlin", "expert.K_r", "max(64,group)", MOE_FALLBACK, "sglang awq/awq.py check_moe_marlin_supports_layer", True, "fallback"),
     Rule("expert-hidden", "hidden", "128", "MoE Marlin needs hidden_size % 128 == 0 (hidden_size = {value})", "sglang marlin_utils.py check_moe_marlin_supports_layer", True, "fallback"),
 )
 

@@ -95,6 +95,10 @@ def model_card_section(plan: PadPlan, ckpt: Checkpoint) -> str:
     lines.append("")
     for d in plan.changed_dims:
         lines.append(f"- `{d.config_key or d.kind + ' width'}`: {d.original} → {d.padded} ({d.modules} MLP blocks, +{100 * d.added_fraction:.2f} %)")
+    if plan.heads is not None:
+        from awqpad.heads import caveat_markdown
+
+        lines += [f"- {plan.heads.summary}", "", caveat_markdown(plan.heads)]
     lines += ["", "Serve it with:", "", "```", f"vllm serve <this repo> --tensor-parallel-size {max(plan.tp)}", "```",
               "", "Details of every changed tensor are in `awqpad.json`.", ""]
     return "\n".join(lines)
@@ -286,6 +290,7 @@ def provenance(ckpt: Checkpoint, plan: PadPlan, out_dir: Path | None = None) -> 
         "tp": list(plan.tp),
         "engine": plan.engine,
         "skip_experts": plan.skip_experts,
+        "pad_heads": plan.pad_heads,
         "plan": plan_summary(plan),
         "ops": to_data(plan.ops),
     }

@@ -19,6 +19,7 @@ from awqpad.config import check_supported_quant
 from awqpad.engines import ENGINE_NOTES, ENGINES, engines_for
 from awqpad.errors import UnsupportedError
 from awqpad.formats.base import Fill, LogicalInsert, TensorOp, make_op
+from awqpad.heads import HeadBlocker, HeadPlan, evaluate_with_heads, plan_heads
 from awqpad.rules import KIND_LABEL, MLP_KINDS, Violation, applies, constraint, evaluate, mlp_subject
 
 SCHEMA_VERSION = 1
@@ -74,6 +75,8 @@ class PadPlan:
     notes: tuple[str, ...]
     added_bytes: int
     total_bytes: int
+    pad_heads: bool = False
+    heads: "HeadPlan | None" = None  # attention-head padding (--pad-heads), when it changes anything
 
     @property
     def needs_padding(self) -> bool:
@@ -142,7 +145,7 @@ def _format_step(ckpt: Checkpoint, kind: str) -> int:
     return step
 
 
-def _block_ops(block: MLPBlock, new_width: int) -> list[TensorOp]:
+def block_ops(block: MLPBlock, new_width: int) -> list[TensorOp]:
     w, add = block.width, new_width - block.width
     ops = []
     for lin in block.linears:
@@ -176,7 +179,19 @@ def _op_bytes(op: TensorOp) -> int:
     return tensor_nbytes(op.dtype, op.new_shape) - tensor_nbytes(op.dtype, op.old_shape)
 
 
-def make_plan(ckpt: Checkpoint, tps: tuple[int, ...], engine: str = "vllm", skip_experts: bool = False) -> PadPlan:
+HEAD_RULES = ("heads", "kv_heads", "attn-o-groups", "attn-qkv-marlin-n")
+
+
+def _head_padding(ckpt: Checkpoint, tps, engines) -> HeadPlan | HeadBlocker | str:
+    """What --pad-heads would do: a HeadPlan, a HeadBlocker, or the reason it cannot be done exactly."""
+    try:
+        return plan_heads(ckpt, tps, engines)
+    except UnsupportedError as exc:
+        return exc.message
+
+
+def make_plan(ckpt: Checkpoint, tps: tuple[int, ...], engine: str = "vllm", skip_experts: bool = False,
+              pad_heads: bool = False) -> PadPlan:
     tps = tuple(sorted(set(tps)))
     engines = engines_for(engine)
     before = [v for e in engines for t in tps for v in evaluate(ckpt, e, t)]
@@ -222,7 +237,7 @@ def make_plan(ckpt: Checkpoint, tps: tuple[int, ...], engine: str = "vllm", skip
         kind_ops = []
         if kind in widths:
             try:
-                kind_ops = [op for b in blocks for op in _block_ops(b, new)]
+                kind_ops = [op for b in blocks for op in block_ops(b, new)]
             except UnsupportedError as exc:
                 blockers.append(Blocker(engine, max(tps), f"{kind}-layout", exc.message, "padding is needed but cannot be done exactly", ()))
                 new = _width(ckpt, kind)
@@ -231,7 +246,20 @@ def make_plan(ckpt: Checkpoint, tps: tuple[int, ...], engine: str = "vllm", skip
         key = ckpt.config_key(kind) if not (tied and kind == "shared") else None
         dims.append(DimChange(kind, key, _width(ckpt, kind), new, len(blocks), sum(map(_op_bytes, kind_ops)), old_bytes, reasons.get(kind, ())))
 
-    after = [v for e in engines for t in tps for v in evaluate(ckpt, e, t, widths)]
+    heads_result = _head_padding(ckpt, tps, engines)
+    head_plan = heads_result if pad_heads and isinstance(heads_result, HeadPlan) and heads_result.changed else None
+    if pad_heads and isinstance(heads_result, HeadBlocker):
+        b = heads_result
+        blockers.append(Blocker(b.engine, b.tp, b.rule, b.message, b.explanation, b.nearest_tp))
+    elif pad_heads and isinstance(heads_result, str):
+        blockers.append(Blocker(engine, max(tps), "heads-unsupported", heads_result, heads_result, ()))
+    if head_plan is not None:
+        ops += head_plan.ops
+        notes += list(head_plan.notes) + [f"head_dim support: {line}" for line in head_plan.caveats]
+        after = [v for e in engines for t in tps
+                 for v in evaluate_with_heads(ckpt, e, t, widths, head_plan.new_heads, head_plan.new_kv_heads)]
+    else:
+        after = [v for e in engines for t in tps for v in evaluate(ckpt, e, t, widths)]
     if unsupported and (widths or any(v.paddable for v in before)):
         blockers.append(Blocker(engine, max(tps), "unsupported-layout", unsupported, unsupported, ()))
         ops, dims = [], [dataclasses.replace(d, padded=d.original, added_bytes=0) for d in dims]
@@ -239,7 +267,15 @@ def make_plan(ckpt: Checkpoint, tps: tuple[int, ...], engine: str = "vllm", skip
         if v.severity == "fallback":
             warnings.append(f"{v.engine} TP={v.tp}: {v.explanation}; it loads through a slower fallback kernel")
         elif not v.paddable or (v.quantity.startswith("expert.") and skip_experts):
-            blockers.append(Blocker(v.engine, v.tp, v.rule, v.message, v.explanation, _nearest_ok(ckpt, v.engine, v.rule, v.tp)))
+            explanation = v.explanation
+            if v.rule in HEAD_RULES and not pad_heads:
+                if isinstance(heads_result, HeadPlan) and heads_result.changed:
+                    explanation += f"; --pad-heads fixes it: {heads_result.summary}"
+                elif isinstance(heads_result, HeadBlocker):
+                    explanation += f"; --pad-heads cannot: {heads_result.message}"
+                elif isinstance(heads_result, str):
+                    explanation += f"; --pad-heads cannot: {heads_result}"
+            blockers.append(Blocker(v.engine, v.tp, v.rule, v.message, explanation, _nearest_ok(ckpt, v.engine, v.rule, v.tp)))
     for change in dims:
         if change.kind == "expert" and change.added_fraction > MOE_COST_WARNING:
             warnings.append(
@@ -255,6 +291,8 @@ def make_plan(ckpt: Checkpoint, tps: tuple[int, ...], engine: str = "vllm", skip
         factor = ckpt.family.dense_key_factor if change.kind == "dense" else 1
         for path in _config_paths(ckpt, change.config_key):
             config_updates[path] = change.padded * factor
+    if head_plan is not None:
+        config_updates.update(head_plan.config_updates)
     return PadPlan(
         SCHEMA_VERSION,
         ckpt.source.source_id,
@@ -274,8 +312,10 @@ def make_plan(ckpt: Checkpoint, tps: tuple[int, ...], engine: str = "vllm", skip
         tuple(_dedupe(blockers)),
         tuple(dict.fromkeys(warnings)),
         tuple(notes),
-        sum(d.added_bytes for d in dims),
+        sum(d.added_bytes for d in dims) + (head_plan.added_bytes if head_plan else 0),
         ckpt.total_bytes,
+        pad_heads,
+        head_plan,
     )
 
 
@@ -308,6 +348,10 @@ def plan_summary(plan: PadPlan, with_tensors: bool = False) -> dict:
         key = d.config_key or f"{d.kind}_width"
         dims[key] = {"original": d.original, "padded": d.padded, "kind": d.kind, "modules": d.modules,
                      "added_bytes": d.added_bytes, "added_percent": round(100 * d.added_fraction, 3), "rules": list(d.reason)}
+    hp = plan.heads
+    if hp is not None:
+        for key, (old, new) in (("num_attention_heads", (hp.heads, hp.new_heads)), ("num_key_value_heads", (hp.kv_heads, hp.new_kv_heads))):
+            dims[key] = {"original": old, "padded": new, "kind": "attention"}
     out = {
         "schema_version": plan.schema_version,
         "source": plan.source_id,
@@ -331,6 +375,14 @@ def plan_summary(plan: PadPlan, with_tensors: bool = False) -> dict:
         "config_updates": plan.config_updates,
         "warnings": list(plan.warnings),
         "notes": list(plan.notes),
+        "pad_heads": plan.pad_heads,
+        "heads": None if hp is None else {
+            "strategy": hp.strategy, "original": hp.heads, "padded": hp.new_heads, "kv_original": hp.kv_heads,
+            "kv_padded": hp.new_kv_heads, "head_dim": hp.head_dim, "zero_heads": list(hp.zero_heads),
+            "added_bytes": hp.added_bytes, "projection_flops_percent": round(100 * hp.proj_flops_increase, 3),
+            "attention_flops_percent": round(100 * hp.core_flops_increase, 3),
+            "kv_cache_percent": round(100 * hp.kv_cache_increase, 3), "summary": hp.summary,
+            "head_dim_support": list(hp.caveats), "unsupported_engines": list(hp.unsupported_engines)},
         "violations_before": to_data(plan.violations_before),
         "violations_after": to_data(plan.violations_after),
     }

@@ -16,3 +16,5 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No output except 
 SkipExpertsOpt = Annotated[bool, typer.Option("--skip-experts", help="Leave MoE expert widths alone.")]
 DEFAULT_ENGINE_NAME = DEFAULT_ENGINE
 OptionalStr = Optional[str]
+PadHeadsOpt = Annotated[bool, typer.Option("--pad-heads", help="Also pad attention heads (zero heads inside each KV group, "
+                        "or whole new KV groups) when the head count blocks the TP size.")]

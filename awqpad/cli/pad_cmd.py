@@ -10,8 +10,9 @@ from rich.console import Console
 
 from awqpad.checkpoint import read_checkpoint
 from awqpad.cli.inspect_cmd import human_bytes
-from awqpad.cli.options import EngineOpt, JsonOpt, QuietOpt, SkipExpertsOpt, SrcArg, TpOpt
+from awqpad.cli.options import EngineOpt, JsonOpt, PadHeadsOpt, QuietOpt, SkipExpertsOpt, SrcArg, TpOpt
 from awqpad.cli.output import Output
+from awqpad.cli.plan_cmd import serve_command
 from awqpad.engines import DEFAULT_ENGINE, ENGINE_CHOICES
 from awqpad.errors import BlockedError, InputError
 from awqpad.hub import push_to_hub
@@ -39,6 +40,7 @@ def pad(
     tp: TpOpt,
     engine: EngineOpt = DEFAULT_ENGINE,
     skip_experts: SkipExpertsOpt = False,
+    pad_heads: PadHeadsOpt = False,
     force: ForceOpt = False,
     push_repo: PushOpt = None,
     public: PublicOpt = False,
@@ -53,7 +55,7 @@ def pad(
         raise InputError(f"--push-to-hub {push_repo!r}: expected ORG/NAME")
     out = Output(json_out, quiet)
     ckpt = read_checkpoint(resolve_source(src, progress=out.interactive))
-    plan = make_plan(ckpt, tuple(tp), engine, skip_experts)
+    plan = make_plan(ckpt, tuple(tp), engine, skip_experts, pad_heads)
     summary = {"source": ckpt.source.source_id, "revision": ckpt.source.revision, "out": None, "tp": list(plan.tp),
                "engine": engine, "plan": plan_summary(plan)}
     if plan.blocked:
@@ -83,14 +85,15 @@ def pad(
                                         progress=out.interactive)
 
     def render(console: Console) -> None:
-        dims = ", ".join(f"{d.config_key or d.kind} {d.original} -> {d.padded}" for d in plan.changed_dims)
+        dims = ", ".join([f"{d.config_key or d.kind} {d.original} -> {d.padded}" for d in plan.changed_dims]
+                         + ([f"heads {plan.heads.heads} -> {plan.heads.new_heads}"] if plan.heads else []))
         console.print(f"padded {dims}: {result.padded_tensors} tensors in {len(result.shards)} shard(s), "
                       f"{human_bytes(result.bytes_written)} in {result.seconds:.1f} s -> {result.out}")
         for name in result.skipped_files:
             console.print(f"  skipped {name} (non-safetensors weights would be stale copies)")
         if summary.get("pushed"):
             console.print(f"pushed -> {summary['pushed']}")
-        console.print(f"next: awqpad verify {src} {result.out} " + " ".join(f"--tp {t}" for t in plan.tp))
-        console.print(f"      vllm serve {result.out} --tensor-parallel-size {max(plan.tp)}")
+        console.print(f"next: awqpad verify {src} {result.out}")
+        console.print(f"      {serve_command(engine, result.out, max(plan.tp))}")
 
     out.result(summary, render)

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from awqpad.checkpoint import read_checkpoint
 from awqpad.cli.inspect_cmd import human_bytes
-from awqpad.cli.options import EngineOpt, JsonOpt, QuietOpt, SkipExpertsOpt, SrcArg, TpOpt
+from awqpad.cli.options import EngineOpt, JsonOpt, PadHeadsOpt, QuietOpt, SkipExpertsOpt, SrcArg, TpOpt
 from awqpad.cli.output import Output
 from awqpad.engines import DEFAULT_ENGINE, ENGINE_CHOICES
 from awqpad.errors import BlockedError, InputError
@@ -27,15 +27,27 @@ Exit codes: 0 the TP sizes work after padding (or already work), 3 blocked by so
 TensorsOpt = Annotated[bool, typer.Option("--tensors", help="List every tensor that changes, old shape -> new shape.")]
 
 
+SERVE = {
+    "sglang": "python -m sglang.launch_server --model-path {path} --tp {tp}",
+    "lmdeploy": "lmdeploy serve api_server {path} --tp {tp}",
+    "tgi": "text-generation-launcher --model-id {path} --num-shard {tp}",
+    "trtllm": "trtllm-serve {path} --tp_size {tp}",
+}
+
+
+def serve_command(engine: str, path: str, tp: int) -> str:
+    return SERVE.get(engine, "vllm serve {path} --tensor-parallel-size {tp}").format(path=path, tp=tp)
+
+
 def next_commands(plan: PadPlan, src: str) -> dict:
     tps = " ".join(f"--tp {t}" for t in plan.tp)
-    engine = "" if plan.engine == DEFAULT_ENGINE else f" --engine {plan.engine}"
+    engine = ("" if plan.engine == DEFAULT_ENGINE else f" --engine {plan.engine}") + (" --pad-heads" if plan.pad_heads else "")
     local = Path(src)
     name = f"{local.name}-tp{max(plan.tp)}"
     out_dir = str(local.parent / name) if local.exists() else name
     return {
         "pad": f"awqpad pad {src} {out_dir} {tps}{engine}" if plan.needs_padding else None,
-        "serve": f"vllm serve {out_dir if plan.needs_padding else src} --tensor-parallel-size {max(plan.tp)}",
+        "serve": serve_command(plan.engine, out_dir if plan.needs_padding else src, max(plan.tp)),
     }
 
 
@@ -66,6 +78,8 @@ def render(plan: PadPlan, summary: dict, console: Console) -> None:
         console.print(f"  total: +{human_bytes(plan.added_bytes)} ({summary['added_percent']:.3f} % of {human_bytes(plan.total_bytes)})")
     elif not plan.blocked:
         console.print("[green]No padding needed[/]: every requested TP already satisfies the rules.")
+    if plan.heads is not None:
+        console.print(f"  heads: {plan.heads.summary}")
     for note in plan.notes:
         console.print(f"  [dim]note: {note}[/]")
     for w in plan.warnings:
@@ -94,6 +108,7 @@ def plan(
     tp: TpOpt,
     engine: EngineOpt = DEFAULT_ENGINE,
     skip_experts: SkipExpertsOpt = False,
+    pad_heads: PadHeadsOpt = False,
     tensors: TensorsOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -102,7 +117,7 @@ def plan(
         raise InputError(f"--engine {engine!r} is not one of {', '.join(ENGINE_CHOICES)}")
     out = Output(json_out, quiet)
     source = resolve_source(src, headers_only=True, progress=out.interactive)
-    result = make_plan(read_checkpoint(source), tuple(tp), engine, skip_experts)
+    result = make_plan(read_checkpoint(source), tuple(tp), engine, skip_experts, pad_heads)
     summary = plan_summary(result, tensors)
     if source.is_hub:
         out.info(f"fetched {human_bytes(source.fetched_bytes)} from the Hub (config, index, safetensors headers; no weights)")

@@ -15,6 +15,7 @@ import numpy as np
 
 from awqpad.errors import InputError, UnsupportedError
 from awqpad.formats.base import MID_WORD, Fill, Geometry, TensorOp, make_op, scaled, to_float64, unpack_words
+from awqpad.formats.gptq import fresh_group_ids_op
 
 NAME = "compressed-tensors"
 PARTS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx", "bias")
@@ -82,16 +83,22 @@ def pad_ops(linear, axis: str, inserts) -> list:
                 f"{linear.prefix}: input padding of a per-channel compressed-tensors linear is not supported: "
                 "its single group cannot take a zero scale"
             )
-        if "weight_g_idx" in p and any(ins.at != linear.in_features for ins in inserts):
-            raise UnsupportedError(f"{linear.prefix}: act-order input padding is only supported at the end")
         words = scaled(inserts, per, f"weight packing ({per} inputs per word)", linear.prefix)
         groups = scaled(inserts, g, f"input padding in whole groups of {g}", linear.prefix)
         ops.append(make_op(p["weight_packed"], 1, words, mid))
-        ops.append(make_op(p["weight_scale"], 1, groups, Fill.const(0.0)))
-        if "weight_zero_point" in p:
-            ops.append(make_op(p["weight_zero_point"], 1, groups, mid))
         if "weight_g_idx" in p:
-            ops.append(make_op(p["weight_g_idx"], 0, feats, Fill("group_ids", linear.groups, g)))
+            # Act-order (actorder=group): new inputs, wherever they go, get fresh groups G, G+1, ...
+            # whose scale / zero-point columns are appended after the existing ones.
+            total = [(linear.groups, sum(count for _, count in groups))]
+            ops.append(make_op(p["weight_scale"], 1, total, Fill.const(0.0)))
+            if "weight_zero_point" in p:
+                ops.append(make_op(p["weight_zero_point"], 1, total, mid))
+            ops.append(fresh_group_ids_op(p["weight_g_idx"], inserts, linear.groups, g))
+        else:
+            # Positional groups: scale / zero-point columns go in at the matching group position.
+            ops.append(make_op(p["weight_scale"], 1, groups, Fill.const(0.0)))
+            if "weight_zero_point" in p:
+                ops.append(make_op(p["weight_zero_point"], 1, groups, mid))
     shape_op = _shape_op(linear, axis, inserts)
     if shape_op is not None:
         ops.append(shape_op)

@@ -17,7 +17,9 @@ from __future__ import annotations
 import numpy as np
 
 from awqpad.errors import InputError, UnsupportedError
-from awqpad.formats.base import MID_WORD, MID_WORD_V1_ZERO, Fill, Geometry, make_op, scaled, to_float64, unpack_words
+from awqpad.formats.base import (
+    MID_WORD, MID_WORD_V1_ZERO, Fill, Geometry, Insert, TensorOp, make_op, scaled, to_float64, unpack_words,
+)
 
 NAME = "gptq"
 PARTS = ("qweight", "qzeros", "scales", "g_idx", "bias")
@@ -80,8 +82,6 @@ def pad_ops(linear, axis: str, inserts) -> list:
             f"{linear.prefix}: input padding of a per-channel (group_size -1) GPTQ linear is not supported: "
             "its single group cannot take a zero scale"
         )
-    if any(ins.at != linear.in_features for ins in inserts):
-        raise UnsupportedError(f"{linear.prefix}: GPTQ input padding is only supported at the end of the input")
     if linear.in_features % g:
         raise UnsupportedError(
             f"{linear.prefix}: GPTQ input of {linear.in_features} is not whole groups of {g}; "
@@ -90,12 +90,44 @@ def pad_ops(linear, axis: str, inserts) -> list:
     words = scaled(inserts, per, f"GPTQ qweight packing ({per} inputs per word)", linear.prefix)
     groups = scaled(inserts, g, f"GPTQ input padding in whole groups of {g}", linear.prefix)
     ops.append(make_op(p["qweight"], 0, words, q_fill))
+    appended = all(ins.at == linear.in_features for ins in inserts)
+    if linear.desc_act and not appended:
+        # Act-order: g_idx maps every input to its group, so new inputs anywhere get fresh groups
+        # G, G+1, ... whose scale / zero rows are appended after the existing ones.
+        total = [(linear.groups, sum(count for _, count in groups))]
+        ops.append(make_op(p["qzeros"], 0, total, z_fill))
+        ops.append(make_op(p["scales"], 0, total, Fill.const(0.0)))
+        ops.append(fresh_group_ids_op(p["g_idx"], inserts, linear.groups, g))
+        return ops
+    # Positional groups (kernels that ignore g_idx read group k // g): scale / zero rows go in at the
+    # matching group position.
     ops.append(make_op(p["qzeros"], 0, groups, z_fill))
     ops.append(make_op(p["scales"], 0, groups, Fill.const(0.0)))
     if "g_idx" in p:
-        fresh = Fill("group_ids", linear.groups, g)
-        ops.append(make_op(p["g_idx"], 0, scaled(inserts, 1, "", linear.prefix), fresh))
+        if appended:
+            fresh = Fill("group_ids", linear.groups, g)
+            ops.append(make_op(p["g_idx"], 0, scaled(inserts, 1, "", linear.prefix), fresh))
+        else:
+            # Inputs after a middle insertion move to later groups: g_idx is rewritten whole as the
+            # positional arange(K') // g (a [K'] int32 tensor, small next to the weights).
+            new_k = linear.in_features + sum(ins.count for ins in inserts)
+            info = p["g_idx"]
+            ops.append(TensorOp(info.name, info.dtype, tuple(info.shape), (new_k,), 0, (),
+                                replace=tuple(int(i) // g for i in range(new_k))))
     return ops
+
+
+def fresh_group_ids_op(info, inserts, groups: int, g: int) -> TensorOp:
+    """g_idx op giving each inserted block of inputs its own fresh groups: the block inserted first
+    (lowest position) gets groups G, G+1, ..., the next one continues after it; each group has g members."""
+    out, start = [], groups
+    for ins in sorted(inserts, key=lambda i: i.at):
+        if ins.count % g:
+            raise UnsupportedError(f"{info.name}: {ins.count} new inputs are not whole groups of {g}")
+        out.append(Insert(ins.at, ins.count, Fill("group_ids", start, g)))
+        start += ins.count // g
+    added = sum(i.count for i in out)
+    return TensorOp(info.name, info.dtype, tuple(info.shape), (info.shape[0] + added,), 0, tuple(i for i in out if i.count))
 
 
 def dequantize(arrays: dict, linear, reader: str) -> np.ndarray:
