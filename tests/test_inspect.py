@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from awqpad.checkpoint import read_checkpoint
@@ -110,3 +111,39 @@ def test_inspect_reads_headers_only_and_is_fast(tmp_path):
     elapsed = time.perf_counter() - start
     assert report.dims["intermediate_size"]["tensors"] == 29568
     assert elapsed < 1.0, elapsed
+
+
+def _sparse(path, config, tensors):
+    """Header-only checkpoint: real safetensors header, file truncated to its full size."""
+    import os
+
+    from awqpad.header import encode_header
+
+    path.mkdir()
+    entries = [(n, "F16", shape, 2 * int(np.prod(shape))) for n, shape in tensors.items()]
+    head = encode_header(entries, {"format": "pt"})
+    with open(path / "model.safetensors", "wb") as fh:
+        fh.write(head)
+    os.truncate(path / "model.safetensors", len(head) + sum(e[3] for e in entries))
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def test_qwen_v1_doubled_intermediate_size_is_understood(tmp_path):
+    """Qwen (v1) stores intermediate_size = 2 x the w1/w2 projection width: not a mismatch, and pads as such."""
+    h, half = 512, 2434
+    tensors = {}
+    for layer in range(2):
+        p = f"transformer.h.{layer}."
+        tensors.update({p + "attn.c_attn.weight": (3 * h, h), p + "attn.c_proj.weight": (h, h),
+                        p + "mlp.w1.weight": (half, h), p + "mlp.w2.weight": (half, h), p + "mlp.c_proj.weight": (h, half)})
+    config = {"architectures": ["QWenLMHeadModel"], "model_type": "qwen", "hidden_size": h, "intermediate_size": 2 * half,
+              "num_attention_heads": 8, "kv_channels": 64, "num_hidden_layers": 2}
+    _sparse(tmp_path / "qwen", config, tensors)
+    ckpt = read_checkpoint(resolve_source(str(tmp_path / "qwen")))
+    assert ckpt.dims.widths == {"dense": (half,)}
+    assert [f.level for f in ckpt.findings] == ["info"] and "2 x the projection width" in ckpt.findings[0].message
+    from awqpad.plan import make_plan
+
+    assert not make_plan(ckpt, (2,), "vllm").needs_padding  # unquantized: only whole splits: 2434 % 2 == 0
+    plan = make_plan(ckpt, (4,), "vllm")  # 2434 -> 2436 per projection, so the config says 2 x 2436
+    assert plan.config_updates == {"intermediate_size": 2 * 2436}
