@@ -21,18 +21,47 @@ from awqpad.header import ShardHeader, TensorInfo, encode_header, tensor_nbytes
 from awqpad.tensor_io import ARRAY_DTYPES, RAW_DTYPES, itemsize, pread_exact
 
 BLOCK_BYTES = 16 << 20
-COPY_CHUNK = 64 << 20
+COPY_CHUNK = 32 << 20
+
+
+def _load_sync_file_range():
+    """Linux sync_file_range(2) through libc: start writeback of a range without waiting for it."""
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.sync_file_range
+        fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+        return fn
+    except (OSError, AttributeError):
+        return None
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range()
+SYNC_FILE_RANGE_WRITE = 2
+WRITEBACK_EVERY = 64 << 20
 
 
 class ShardWriter:
-    """Positional writes into one output file; every byte count is checked against the plan."""
+    """Positional writes into one output file; every byte count is checked against the plan.
+
+    Writeback of what is written is started every WRITEBACK_EVERY bytes, so the disk works while the
+    next tensors are produced and the final fsync has little left to wait for.
+    """
 
     def __init__(self, path: Path, expected_size: int):
         self.path = path
         self.expected_size = expected_size
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.pos = 0
+        self._flushed = 0
         self._copy_range = hasattr(os, "copy_file_range")
+
+    def _kick_writeback(self) -> None:
+        if _SYNC_FILE_RANGE is not None and self.pos - self._flushed >= WRITEBACK_EVERY:
+            _SYNC_FILE_RANGE(self.fd, self._flushed, self.pos - self._flushed, SYNC_FILE_RANGE_WRITE)
+            self._flushed = self.pos
 
     def write(self, data) -> None:
         view = memoryview(data).cast("B")
@@ -40,6 +69,7 @@ class ShardWriter:
             written = _io(os.pwrite, self.fd, view, self.pos, path=self.path)
             self.pos += written
             view = view[written:]
+        self._kick_writeback()
 
     def copy_from(self, src_fd: int, offset: int, size: int, what: str) -> None:
         end = offset + size
@@ -62,6 +92,7 @@ class ShardWriter:
                 continue
             offset += done
             self.pos += done
+            self._kick_writeback()
 
     def close(self, fsync: bool = True) -> None:
         try:

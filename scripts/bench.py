@@ -3,8 +3,10 @@
 
 Generates a synthetic AWQ-GEMM checkpoint with realistic Qwen2-72B layer shapes (hidden 8192,
 intermediate 29568 = 231 groups of 128, which does not split at TP 2, 4 or 8) at two sizes (by layer count),
-then times, in the same run and alternating: `cp -r SRC DST`, `awqpad pad SRC OUT --tp 8`, and
-`awqpad verify SRC OUT --tp 8`, and records each process's peak RSS (wait4 rusage).
+then times, in the same run and alternating: `cp -r SRC DST`, `cp -r SRC DST && sync` (a copy that is
+on disk, as `pad`'s fsynced output is), `awqpad pad SRC OUT --tp N`, `awqpad verify SRC OUT --layers none`
+(the streamed static checks) and the full `awqpad verify SRC OUT`, and records each process's peak RSS
+(wait4 rusage).
 
     python scripts/bench.py --workdir /tmp/awqpad-bench --layers 4 16 --repeat 3
 
@@ -105,7 +107,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/awqpad-bench"))
     ap.add_argument("--layers", type=int, nargs="+", default=[4, 16])
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--tp", type=int, default=8)
+    ap.add_argument("--tp", type=int, default=4)
     ap.add_argument("--no-verify", action="store_true")
     args = ap.parse_args()
     awqpad = [sys.executable, "-m", "awqpad"]
@@ -115,18 +117,29 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
         src, dst, out = root / "src", root / "cp", root / "out"
         size = make_checkpoint(src, layers)
-        runs = {"cp": [], "pad": [], "verify": []}
+        runs = {"cp": [], "cp_sync": [], "pad": [], "verify_static": [], "verify": []}
         for _ in range(args.repeat):
-            shutil.rmtree(dst, ignore_errors=True)
-            runs["cp"].append(timed(["cp", "-r", str(src), str(dst)]))
-            runs["pad"].append(timed(awqpad + ["pad", str(src), str(out), "--tp", str(args.tp), "--force", "--quiet"]))
+            # every command starts from an empty destination and a clean page-cache writeback state
+            for key, cmd in (("cp", ["cp", "-r", str(src), str(dst)]),
+                             ("cp_sync", ["sh", "-c", f"cp -r '{src}' '{dst}' && sync"]),
+                             ("pad", awqpad + ["pad", str(src), str(out), "--tp", str(args.tp), "--quiet"])):
+                shutil.rmtree(dst, ignore_errors=True)
+                if key == "pad":
+                    shutil.rmtree(out, ignore_errors=True)
+                os.sync()
+                runs[key].append(timed(cmd))
             if not args.no_verify:
-                runs["verify"].append(timed(awqpad + ["verify", str(src), str(out), "--tp", str(args.tp), "--quiet"]))
+                runs["verify_static"].append(timed(awqpad + ["verify", str(src), str(out), "--layers", "none", "--quiet"]))
+                runs["verify"].append(timed(awqpad + ["verify", str(src), str(out), "--quiet"]))
         med = {k: (statistics.median(w for w, _ in v), max(r for _, r in v)) for k, v in runs.items() if v}
-        row = {"layers": layers, "gb": round(size / 1e9, 2), "cp_s": round(med["cp"][0], 2), "pad_s": round(med["pad"][0], 2),
-               "pad_over_cp": round(med["pad"][0] / med["cp"][0], 3), "pad_peak_rss_mb": round(med["pad"][1], 1)}
+        row = {"layers": layers, "gb": round(size / 1e9, 2), "cp_s": round(med["cp"][0], 2),
+               "cp_sync_s": round(med["cp_sync"][0], 2), "pad_s": round(med["pad"][0], 2),
+               "pad_over_cp": round(med["pad"][0] / med["cp"][0], 3),
+               "pad_over_cp_sync": round(med["pad"][0] / med["cp_sync"][0], 3), "pad_peak_rss_mb": round(med["pad"][1], 1)}
         if "verify" in med:
-            row.update(verify_s=round(med["verify"][0], 2), verify_over_cp=round(med["verify"][0] / med["cp"][0], 3),
+            row.update(verify_static_s=round(med["verify_static"][0], 2),
+                       verify_static_over_cp=round(med["verify_static"][0] / med["cp"][0], 3),
+                       verify_s=round(med["verify"][0], 2), verify_over_cp=round(med["verify"][0] / med["cp"][0], 3),
                        verify_peak_rss_mb=round(med["verify"][1], 1))
         results.append(row)
         print(json.dumps(row), flush=True)
