@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -136,9 +137,14 @@ def shard_output_size(header: ShardHeader, ops: dict[str, TensorOp]) -> int:
     return len(head) + sum(n for *_, n in layout)
 
 
+class Cancelled(Exception):
+    """Another shard's writer failed or the run was interrupted: stop writing."""
+
+
 def write_shard(src_root: Path, header: ShardHeader, ops: dict[str, TensorOp], out_path: Path,
-                advance: Callable[[int], None] = lambda n: None, fsync: bool = True) -> int:
-    """Write the padded version of one shard; returns its size."""
+                advance: Callable[[int], None] = lambda n: None, fsync: bool = True,
+                cancel: threading.Event | None = None) -> int:
+    """Write the padded version of one shard; returns its size. Checks `cancel` between tensors."""
     layout = output_layout(header, ops)
     head = encode_header([(i.name, i.dtype, s, n) for i, _, s, n in layout], header.metadata)
     size = len(head) + sum(n for *_, n in layout)
@@ -148,6 +154,8 @@ def write_shard(src_root: Path, header: ShardHeader, ops: dict[str, TensorOp], o
         with open(src_root / header.filename, "rb") as src:
             fd = src.fileno()
             for info, op, _, nbytes in layout:
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled(header.filename)
                 if op is None:
                     writer.copy_from(fd, info.begin, info.nbytes, f"{header.filename}: {info.name}")
                 elif op.replace is not None:

@@ -11,8 +11,9 @@ import json
 import os
 import shutil
 import signal
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ PARTIAL_TAG = ".awqpad-partial-"
 SKIP_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".safetensors")
 SKIP_DIRS = {".git", ".cache", "original", "__pycache__"}
 SPACE_MARGIN = 64 << 20
+WRITERS = min(2, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -195,16 +197,7 @@ def pad_to_directory(ckpt: Checkpoint, plan: PadPlan, out: Path, *, force: bool 
     with _terminate_as_interrupt():
         try:
             tmp.mkdir()
-            # Each finished shard is fsynced in the background while the next one is written.
-            with ThreadPoolExecutor(max_workers=1) as syncer:
-                pending = []
-                for shard in ckpt.shards:
-                    shard_ops = {n: ops[n] for n in shard.tensors if n in ops}
-                    written += write_shard(src, shard, shard_ops, tmp / shard.filename, progress, fsync=False)
-                    if fsync:
-                        pending.append(syncer.submit(_fsync_file, tmp / shard.filename))
-                for job in pending:
-                    job.result()
+            written = _write_shards(ckpt, ops, tmp, progress, fsync)
             _write_index(ckpt, plan, tmp)
             _write_config(ckpt, plan, tmp)
             copied, skipped = _copy_tagalong(ckpt, plan, tmp, fsync)
@@ -232,6 +225,39 @@ def pad_to_directory(ckpt: Checkpoint, plan: PadPlan, out: Path, *, force: bool 
             raise
     return PadResult(str(out), tuple(s.filename for s in ckpt.shards), written, time.monotonic() - started,
                      len([op for op in plan.ops if op.replace is None]), tuple(copied), tuple(skipped))
+
+
+def _write_shards(ckpt: Checkpoint, ops: dict, tmp: Path, progress, fsync: bool) -> int:
+    """Write (and fsync) every shard, WRITERS at a time: the copies are kernel memcpy-bound, so two cores
+    finish sooner than one. The first failure (or Ctrl-C) stops the other writers before it propagates."""
+    cancel = threading.Event()
+    lock = threading.Lock()
+
+    def advance(n: int) -> None:
+        with lock:
+            progress(n)
+
+    def one(shard) -> int:
+        shard_ops = {n: ops[n] for n in shard.tensors if n in ops}
+        size = write_shard(ckpt.source.root, shard, shard_ops, tmp / shard.filename, advance, fsync=False, cancel=cancel)
+        if fsync:
+            _fsync_file(tmp / shard.filename)
+        return size
+
+    pool = ThreadPoolExecutor(max_workers=max(1, min(WRITERS, len(ckpt.shards))))
+    jobs = [pool.submit(one, shard) for shard in ckpt.shards]
+    try:
+        wait(jobs, return_when=FIRST_EXCEPTION)
+        failed = [job for job in jobs if job.done() and job.exception() is not None]
+        if failed:
+            cancel.set()
+            raise failed[0].exception()
+        return sum(job.result() for job in jobs)
+    except BaseException:
+        cancel.set()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _write_json(path: Path, data) -> None:

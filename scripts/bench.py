@@ -92,14 +92,14 @@ def make_checkpoint(path: Path, layers: int, shard_bytes: int = 2 << 30) -> int:
 
 
 def timed(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS MB) of one child process."""
+    """(wall seconds, peak RSS MB) of one command, RSS as GNU time reports it for the process itself
+    (rusage of a child forked from this script would count this script's own memory)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run(["/usr/bin/time", "-f", "%M"] + cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()}")
-    return wall, usage.ru_maxrss / 1024
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr}")
+    return wall, int(proc.stderr.strip().splitlines()[-1]) / 1024
 
 
 def main() -> None:
