@@ -10,6 +10,10 @@
 #   gptqmodel 7.7.0  --no-deps  (+ its requirements.txt minus its `torch>=2.14.1` line):
 #                    transformers' AWQ/GPTQ backend, GPTQ dequant, and the real GPTQ quantizer
 #   autoawq 0.2.9    --no-deps  (pure python; the tests load awq/utils/packing_utils.py by path)
+#   auto-gptq 0.7.1: NOT installed (its wheel ships a top-level `tests` package that would shadow this
+#                    repo's tests/, and CUDA-only extensions); `pip download` fetches the wheel and only
+#                    auto_gptq/nn_modules/qlinear/qlinear_cuda{,_old}.py (pure torch fallback paths) are
+#                    extracted to .cache/oracles/auto_gptq-0.7.1/ (git-ignored) for the tests to load by path.
 # Everything runs under a constraint `torch==<the torch already installed>` (2.13.0 if none is),
 # so pip can never pull a CUDA torch.  Idempotent: a second run only checks versions (~1 s).
 set -euo pipefail
@@ -54,8 +58,34 @@ GPTQMODEL_REQS=(
 )
 
 say() { printf '[oracles] %s\n' "$*" >&2; }
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+AUTOGPTQ_VERSION=0.7.1
+AUTOGPTQ_DIR="${AWQPAD_AUTOGPTQ_DIR:-$ROOT/.cache/oracles/auto_gptq-$AUTOGPTQ_VERSION}"
+# pip, minus the local-index "Location ... is ignored" noise of this machine's pip config
+pipq() { "$PY" -m pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+
+# --- AutoGPTQ's reference readers: two source files out of the registry's wheel ---------------
+fetch_autogptq() {
+  [[ -f "$AUTOGPTQ_DIR/qlinear_cuda.py" && -f "$AUTOGPTQ_DIR/qlinear_cuda_old.py" ]] && return 0
+  local tmp
+  tmp="$(mktemp -d)"
+  pipq download --quiet --no-deps --only-binary :all: -d "$tmp" "auto-gptq==$AUTOGPTQ_VERSION"
+  mkdir -p "$AUTOGPTQ_DIR"
+  "$PY" - "$tmp" "$AUTOGPTQ_DIR" <<'PYEOF'
+import glob, sys, zipfile, pathlib
+(whl,) = glob.glob(sys.argv[1] + "/auto_gptq-*.whl")
+out = pathlib.Path(sys.argv[2])
+with zipfile.ZipFile(whl) as z:
+    for name in ("qlinear_cuda.py", "qlinear_cuda_old.py"):
+        (out / name).write_bytes(z.read(f"auto_gptq/nn_modules/qlinear/{name}"))
+(out / "SOURCE").write_text(f"extracted from {pathlib.Path(whl).name} (PyPI) by .ci/oracles.sh\n")
+PYEOF
+  rm -rf "$tmp"
+  say "AutoGPTQ $AUTOGPTQ_VERSION qlinear sources -> $AUTOGPTQ_DIR"
+}
 
 # --- fast path: everything already at the pinned versions? --------------------------------
+fetch_autogptq
 if "$PY" - "$TORCH_WANT" "${PINNED[@]}" "${NODEPS[@]}" <<'EOF' 2>/dev/null
 import sys
 from importlib.metadata import version, PackageNotFoundError
@@ -87,7 +117,7 @@ trap 'rm -rf "$WORK"' EXIT
 TORCH_HAVE="$("$PY" -c 'from importlib.metadata import version; print(version("torch"))' 2>/dev/null || true)"
 if [[ -z "$TORCH_HAVE" ]]; then
   say "no torch in this environment: installing torch==$TORCH_WANT"
-  "$PY" -m pip install --quiet "torch==$TORCH_WANT"
+  pipq install --quiet "torch==$TORCH_WANT"
   TORCH_HAVE="$("$PY" -c 'from importlib.metadata import version; print(version("torch"))')"
 fi
 TORCH_BASE="${TORCH_HAVE%%+*}"
@@ -98,11 +128,11 @@ printf 'torch==%s\n' "$TORCH_BASE" > "$WORK/constraints.txt"
 
 # --- one resolver transaction for everything that has honest metadata ---------------------
 say "installing ${PINNED[*]} + gptqmodel requirements (constraint torch==$TORCH_BASE)"
-"$PY" -m pip install --quiet -c "$WORK/constraints.txt" "${PINNED[@]}" "${GPTQMODEL_REQS[@]}"
+pipq install --quiet -c "$WORK/constraints.txt" "${PINNED[@]}" "${GPTQMODEL_REQS[@]}"
 
 # --- packages whose metadata asks for another torch (gptqmodel) or for CUDA-only extras ----
 say "installing --no-deps ${NODEPS[*]}"
-"$PY" -m pip install --quiet --no-deps -c "$WORK/constraints.txt" "${NODEPS[@]}"
+pipq install --quiet --no-deps -c "$WORK/constraints.txt" "${NODEPS[@]}"
 
 # --- verify: torch unchanged, oracles import ----------------------------------------------
 export GPTQMODEL_CPU_WORKERS="${GPTQMODEL_CPU_WORKERS:-2}"

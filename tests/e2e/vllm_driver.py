@@ -1,0 +1,163 @@
+"""Driver for scripts/e2e_vllm_cpu.sh (runs inside the vLLM venv, not under pytest).
+
+    python vllm_driver.py run --model DIR --tp N --out RESULT.json
+    python vllm_driver.py compare REF.json OTHER.json [--tol 0.01]
+
+`run` starts vLLM's offline engine (CPU, gloo, dtype float16, enforce_eager, greedy) on fixed
+token-id prompts (the test checkpoints have no real tokenizer) and writes the generated token ids and
+per-step log-probs. `compare` exits 0 iff the greedy tokens are identical and the first-step
+log-probs (chosen token and the shared top-k) differ by at most --tol.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+# Fixed prompts as token ids (vocab of the test checkpoints is 320; ids 0..2 are specials).
+PROMPTS = [
+    [17, 42, 199, 7, 250, 311, 64, 128, 90, 33, 5, 271],
+    [301, 3, 88, 160, 222, 45, 19, 77],
+    [9, 140, 141, 142, 260, 12, 305, 56, 200, 11, 99, 100, 101, 4, 318, 27],
+]
+MAX_TOKENS = 8
+TOPK = 5
+
+
+def _env_for(tp: int) -> None:
+    ncpu = os.cpu_count() or 1
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        if tp <= ncpu:
+            per = ncpu // tp
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
+                f"{r * per}-{r * per + per - 1}" if per > 1 else str(r) for r in range(tp))
+        else:  # more ranks than cores (TP 4 on 2 cores): let the OS schedule them
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    _env_for(args.tp)
+    t0 = time.time()
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(
+        model=args.model,
+        tensor_parallel_size=args.tp,
+        dtype=args.dtype,
+        enforce_eager=True,
+        max_model_len=256,
+        max_num_seqs=4,
+        max_num_batched_tokens=256,
+        distributed_executor_backend="mp" if args.tp > 1 else None,
+        skip_tokenizer_init=True,
+        seed=0,
+    )
+    t_load = time.time() - t0
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=TOPK,
+                            detokenize=False, ignore_eos=True)
+    t1 = time.time()
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS], params, use_tqdm=False)
+    t_gen = time.time() - t1
+    result = {"model": args.model, "tp": args.tp, "dtype": args.dtype,
+              "load_s": round(t_load, 1), "generate_s": round(t_gen, 1), "prompts": []}
+    for prompt, out in zip(PROMPTS, outs):
+        comp = out.outputs[0]
+        steps = []
+        for tok, lp in zip(comp.token_ids, comp.logprobs or []):
+            steps.append({"token": int(tok),
+                          "logprob": float(lp[tok].logprob),
+                          "top": {str(int(t)): float(v.logprob) for t, v in lp.items()}})
+        result["prompts"].append({"prompt": prompt, "tokens": [int(t) for t in comp.token_ids],
+                                  "steps": steps})
+    with open(args.out, "w") as fh:
+        json.dump(result, fh, indent=1)
+    print(f"[driver] tp={args.tp} load {t_load:.1f}s generate {t_gen:.1f}s tokens "
+          f"{[p['tokens'] for p in result['prompts']]}", file=sys.stderr)
+    # Shut the engine (and its worker processes) down before exiting.
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:
+        pass
+    del llm
+    return 0
+
+
+def compare(ref: dict, other: dict, tol: float) -> tuple[bool, str]:
+    """Greedy tokens identical for every prompt, and first-step log-probs (the chosen token and every
+    token in both top-k lists) within `tol`. Later steps are reported, not asserted."""
+    ok = True
+    notes = []
+    max_first = 0.0
+    max_all = 0.0
+    if len(ref["prompts"]) != len(other["prompts"]):
+        ok = False
+        notes.append("different number of prompts")
+    for i, (a, b) in enumerate(zip(ref["prompts"], other["prompts"])):
+        if a["prompt"] != b["prompt"]:
+            ok = False
+            notes.append(f"prompt {i}: different prompt token ids")
+        if a["tokens"] != b["tokens"]:
+            ok = False
+            notes.append(f"prompt {i}: tokens differ {a['tokens']} vs {b['tokens']}")
+        sa, sb = a["steps"][0], b["steps"][0]
+        d = max(abs(sa["top"][t] - sb["top"][t]) for t in set(sa["top"]) & set(sb["top"])) \
+            if set(sa["top"]) & set(sb["top"]) else float("inf")
+        if sa["token"] == sb["token"]:
+            d = max(d, abs(sa["logprob"] - sb["logprob"]))
+        max_first = max(max_first, d)
+        for xa, xb in zip(a["steps"], b["steps"]):
+            if xa["token"] != xb["token"]:
+                break
+            max_all = max(max_all, abs(xa["logprob"] - xb["logprob"]))
+    if max_first > tol:
+        ok = False
+        notes.append(f"first-step log-prob diff {max_first:.4f} > {tol}")
+    same = not any("tokens differ" in n for n in notes)
+    summary = (f"tokens {'identical' if same else 'DIFFER'}, first-step |dlogprob| max {max_first:.4f} "
+               f"(tol {tol}), matching steps {max_all:.4f}; tp={other['tp']} load {other['load_s']}s "
+               f"gen {other['generate_s']}s")
+    if notes:
+        summary += "; " + "; ".join(notes)
+    return ok, summary
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    with open(args.ref) as fh:
+        ref = json.load(fh)
+    with open(args.other) as fh:
+        other = json.load(fh)
+    ok, summary = compare(ref, other, args.tol)
+    print(summary)
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--model", required=True)
+    r.add_argument("--tp", type=int, default=1)
+    r.add_argument("--dtype", default="float16")
+    r.add_argument("--out", required=True)
+    c = sub.add_parser("compare")
+    c.add_argument("ref")
+    c.add_argument("other")
+    c.add_argument("--tol", type=float, default=0.01)
+    args = p.parse_args(argv)
+    return cmd_run(args) if args.cmd == "run" else cmd_compare(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
