@@ -66,7 +66,7 @@ def _require_runtime():
             oracles.missing(mod, f"{type(e).__name__}: {e}")
 
 
-def hf_logits(path: Path) -> tuple[torch.Tensor, str]:
+def hf_logits(path: Path, dtype=torch.float16) -> tuple[torch.Tensor, str]:
     """AutoModelForCausalLM on CPU, float16 -> (logits float32, class of the down_proj module)."""
     from transformers import AutoModelForCausalLM, AwqConfig, GPTQConfig
 
@@ -77,7 +77,7 @@ def hf_logits(path: Path) -> tuple[torch.Tensor, str]:
         kw["quantization_config"] = AwqConfig(bits=cfg["quantization_config"]["bits"], backend=BACKEND["awq"])
     elif method == "gptq":
         kw["quantization_config"] = GPTQConfig(bits=cfg["quantization_config"]["bits"], backend=BACKEND["gptq"])
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float16, device_map="cpu", **kw)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map="cpu", **kw)
     model.eval()
     with torch.no_grad():
         out = model(input_ids=IDS).logits.float()
@@ -258,3 +258,41 @@ def test_real_quantizer_checkpoint_third_party_decoders(method, real_pairs):
             assert oracles.bit_equal(kept, w_o), f"{where}: original region changed"
             padded += bool(n_pos or k_pos)
     assert padded == 3 * MODEL.layers * len(decoders)
+
+
+def test_transformers_logits_identical_after_head_padding(tmp_path):
+    """Issue 8: Qwen2.5-7B's head layout (28 query / 4 KV heads) padded to 32 heads for TP 8 (zero heads at
+    the end of each KV group, zero o_proj columns, explicit head_dim). transformers >= 4.48 reads head_dim
+    for Qwen2, so the padded model must give the unpadded model's logits."""
+    _require_runtime()
+    model = Model("qwen2", hidden=448, intermediate=1024, heads=28, kv_heads=4, head_dim=16, layers=2, vocab=320)
+    build_checkpoint(tmp_path / "src", model, Quant("fp16"), shards=2, seed=5)
+    proc = subprocess.run([sys.executable, "-m", "awqpad", "pad", str(tmp_path / "src"), str(tmp_path / "out"), "--tp", "8",
+                           "--engine", "sglang", "--pad-heads", "--quiet"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (config["num_attention_heads"], config["head_dim"]) == (32, 16)
+    # float64: head padding changes o_proj's K (448 -> 512) and the attention kernel's head batching, so
+    # float16 sums round differently (~1e-3 here) although every added term is an exact zero; in float64
+    # the reordering is far below the logits' resolution and the result must agree to ~1e-12.
+    a, _ = hf_logits(tmp_path / "src", torch.float64)
+    b, _ = hf_logits(tmp_path / "out", torch.float64)
+    assert torch.isfinite(a).all() and a.abs().max() > 0.1
+    diff = (a - b).abs().max().item()
+    assert diff <= 1e-12 * a.abs().max().item(), f"head-padded logits differ by {diff:.3e}"
+    # and the wrong layout (zero heads appended after the last KV group) is caught by the same comparison
+    from safetensors.torch import load_file, save_file
+
+    d, per = 16, 8
+    order = [g * per + i for g in range(4) for i in range(per - 1)] + [g * per + per - 1 for g in range(4)]
+    rows = torch.cat([torch.arange(x * d, (x + 1) * d) for x in order])
+    for shard in (tmp_path / "out").glob("*.safetensors"):
+        t = load_file(str(shard))
+        for name in list(t):
+            if name.endswith(("q_proj.weight", "q_proj.bias")):
+                t[name] = t[name][rows].contiguous()
+            elif name.endswith("o_proj.weight"):
+                t[name] = t[name][:, rows].contiguous()
+        save_file(t, str(shard), metadata={"format": "pt"})
+    c, _ = hf_logits(tmp_path / "out", torch.float64)
+    assert (a - c).abs().max().item() > 1e-3, "appending zero heads at the end should break GQA"
