@@ -47,7 +47,8 @@ class PadResult:
 
 
 def source_fingerprint(ckpt: Checkpoint) -> str:
-    """sha256 over config.json, the index and every shard header: cheap, and changes with any tensor layout."""
+    """sha256 over config.json, the index and every shard header (not the tensor bytes, which verify compares
+    directly): cheap, and changes with any change of config or tensor layout."""
     h = hashlib.sha256()
     root = ckpt.source.root
     for name in ("config.json", ckpt.index_file):
@@ -312,7 +313,7 @@ def provenance(ckpt: Checkpoint, plan: PadPlan, out_dir: Path | None = None) -> 
         "awqpad_version": __version__,
         "schema_version": plan.schema_version,
         "source": {"id": ckpt.source.source_id, "revision": ckpt.source.revision, "hub": ckpt.source.is_hub,
-                   "content_sha256": source_fingerprint(ckpt)},
+                   "layout_sha256": source_fingerprint(ckpt)},
         "tp": list(plan.tp),
         "engine": plan.engine,
         "skip_experts": plan.skip_experts,

@@ -347,7 +347,7 @@ class _Verifier:
             if record is not None:
                 from awqpad.output_repo import source_fingerprint
 
-                recorded = (record.get("source") or {}).get("content_sha256")
+                recorded = (record.get("source") or {}).get("layout_sha256")
                 actual = source_fingerprint(src)
                 if recorded != actual:
                     problems.append(f"{PROVENANCE} records source fingerprint {str(recorded)[:12]}… but SRC has "

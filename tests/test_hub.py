@@ -235,7 +235,7 @@ def test_pad_from_repo_id_equals_pad_from_directory(padded, hub):
     assert summary["revision"] == hub.main_commit
     prov = json.loads(a["awqpad.json"])["source"]
     assert prov["id"] == REPO and prov["revision"] == hub.main_commit and prov["hub"] is True
-    assert prov["content_sha256"] == json.loads(b["awqpad.json"])["source"]["content_sha256"]
+    assert prov["layout_sha256"] == json.loads(b["awqpad.json"])["source"]["layout_sha256"]
     assert not any(p.endswith("pytorch_model.bin") for p in downloaded)
 
 
