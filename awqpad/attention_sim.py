@@ -333,12 +333,7 @@ def shard_problems(ckpt: Checkpoint, t: int) -> list[ShardError]:
 
 
 def readers(data: AttentionData) -> tuple[str, ...]:
-    names: list[str] = []
-    for lin in data.linears.values():
-        for r in formats.BY_NAME[lin.format].readers(lin):
-            if r not in names:
-                names.append(r)
-    return tuple(names)
+    return formats.readers_of(data.linears.values())
 
 
 # --- comparison -----------------------------------------------------------------------------

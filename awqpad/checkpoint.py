@@ -7,7 +7,6 @@ config.json values are compared against them and disagreements become findings.
 from __future__ import annotations
 
 import json
-import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path

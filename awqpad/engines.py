@@ -144,3 +144,12 @@ ENGINE_CHOICES = tuple(ENGINES) + ("all",)
 
 def engines_for(selection: str) -> tuple[str, ...]:
     return tuple(ENGINES) if selection == "all" else (selection,)
+
+
+def check_engine(selection: str) -> str:
+    """`selection` if it names a profile (or "all"); otherwise the one-line usage error."""
+    from awqpad.errors import InputError
+
+    if selection not in ENGINE_CHOICES:
+        raise InputError(f"--engine {selection!r} is not one of {', '.join(ENGINE_CHOICES)}")
+    return selection

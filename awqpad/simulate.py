@@ -210,12 +210,7 @@ def engine_reader(block: MLPBlock) -> str:
 
 def readers(block: MLPBlock) -> tuple[str, ...]:
     """Reader variants to run a block under: the union over its linears (each falls back to its own first)."""
-    names: list[str] = []
-    for lin in block.linears:
-        for r in formats.BY_NAME[lin.format].readers(lin):
-            if r not in names:
-                names.append(r)
-    return tuple(names)
+    return formats.readers_of(block.linears)
 
 
 # --- the MLP -------------------------------------------------------------------------------

@@ -644,7 +644,7 @@ class _Verifier:
 
     def check_function(self) -> None:
         started = time.monotonic()
-        src, out = self.src, self.out
+        src = self.src
         blocks = self.blocks
         by_key = {(b.kind, b.layer, b.expert): b for b in src.mlps}
         act = simulate.activation_name(src.config.text)

@@ -402,7 +402,7 @@ def _module_tensors_spec(lin: Linear, mq: Quant | None, dtype: str) -> list[tupl
     bias = [(f"{p}.bias", dtype, (N,))] if lin.bias else []
     if mq is None:
         return [(f"{p}.weight", dtype, (N, K))] + bias
-    b, pf = mq.bits, 32 // mq.bits
+    pf = 32 // mq.bits
     g = K if mq.group_size == -1 else mq.group_size
     G = K // g
     sd = mq.scale_dtype

@@ -172,7 +172,7 @@ def test_gptq_o_proj_g_idx_is_positional_after_middle_insertion(tmp_path):
 
 
 def test_gptq_act_order_o_proj_gets_fresh_groups(tmp_path):
-    fx = build_checkpoint(tmp_path / "src", Model("qwen2", **Q7), Quant("gptq", desc_act=True), shards=1)
+    build_checkpoint(tmp_path / "src", Model("qwen2", **Q7), Quant("gptq", desc_act=True), shards=1)
     src = ckpt(tmp_path / "src")
     hp = plan_heads(src, (8,), "sglang")
     pad(src, hp, (8,), "sglang", tmp_path / "out")

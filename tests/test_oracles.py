@@ -44,9 +44,9 @@ import pytest
 import torch
 
 try:
-    from tests.factory import Model, Quant, build_checkpoint, load_tensors
+    from tests.factory import Model, Quant, build_checkpoint
 except ImportError:  # pragma: no cover - run from inside tests/
-    from factory import Model, Quant, build_checkpoint, load_tensors
+    from factory import Model, Quant, build_checkpoint
 
 pytestmark = pytest.mark.oracle
 

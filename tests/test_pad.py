@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -16,7 +15,7 @@ from awqpad.output_repo import pad_to_directory
 from awqpad.plan import make_plan
 from awqpad.source import resolve_source
 from tests.factory import (
-    Model, Quant, awq_unpack, build_checkpoint, dequant_awq, dequant_ct, dequant_gptq, load_tensors, mlp_forward, unpack,
+    Model, Quant, build_checkpoint, dequant_awq, dequant_ct, dequant_gptq, load_tensors, mlp_forward, unpack,
 )
 
 BASE = dict(hidden=512, heads=8, kv_heads=4, head_dim=64)

@@ -10,8 +10,7 @@ from rich.table import Table
 from awqpad.checkpoint import read_checkpoint
 from awqpad.cli.options import EngineOpt, JsonOpt, QuietOpt, SrcArg
 from awqpad.cli.output import Output
-from awqpad.engines import DEFAULT_ENGINE, ENGINES
-from awqpad.errors import InputError
+from awqpad.engines import DEFAULT_ENGINE, check_engine
 from awqpad.report import InspectReport, inspect_report
 from awqpad.source import resolve_source
 
@@ -61,8 +60,7 @@ def render(report: InspectReport, console: Console) -> None:
 
 
 def inspect(src: SrcArg, engine: EngineOpt = DEFAULT_ENGINE, json_out: JsonOpt = False, quiet: QuietOpt = False) -> None:
-    if engine not in ENGINES:
-        raise InputError(f"--engine {engine!r} is not one of {', '.join(ENGINES)}")
+    check_engine(engine)
     out = Output(json_out, quiet)
     source = resolve_source(src, headers_only=True, progress=out.interactive)
     report = inspect_report(read_checkpoint(source), engine)

@@ -13,7 +13,7 @@ from awqpad.cli.inspect_cmd import human_bytes
 from awqpad.cli.options import EngineOpt, JsonOpt, PadHeadsOpt, QuietOpt, SkipExpertsOpt, SrcArg, TpOpt
 from awqpad.cli.output import Output
 from awqpad.cli.plan_cmd import serve_command
-from awqpad.engines import DEFAULT_ENGINE, ENGINE_CHOICES
+from awqpad.engines import DEFAULT_ENGINE, check_engine
 from awqpad.errors import BlockedError, InputError
 from awqpad.hub import push_to_hub
 from awqpad.output_repo import PROVENANCE, pad_to_directory
@@ -47,8 +47,7 @@ def pad(
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    if engine not in ENGINE_CHOICES:
-        raise InputError(f"--engine {engine!r} is not one of {', '.join(ENGINE_CHOICES)}")
+    check_engine(engine)
     if public and not push_repo:
         raise InputError("--public needs --push-to-hub ORG/NAME")
     if push_repo and (parse_repo_spec(push_repo) is None or "@" in push_repo):

@@ -13,8 +13,8 @@ from awqpad.checkpoint import read_checkpoint
 from awqpad.cli.inspect_cmd import human_bytes
 from awqpad.cli.options import EngineOpt, JsonOpt, PadHeadsOpt, QuietOpt, SkipExpertsOpt, SrcArg, TpOpt
 from awqpad.cli.output import Output
-from awqpad.engines import DEFAULT_ENGINE, ENGINE_CHOICES
-from awqpad.errors import BlockedError, InputError
+from awqpad.engines import DEFAULT_ENGINE, check_engine
+from awqpad.errors import BlockedError
 from awqpad.plan import PadPlan, make_plan, plan_summary
 from awqpad.source import resolve_source
 
@@ -113,8 +113,7 @@ def plan(
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    if engine not in ENGINE_CHOICES:
-        raise InputError(f"--engine {engine!r} is not one of {', '.join(ENGINE_CHOICES)}")
+    check_engine(engine)
     out = Output(json_out, quiet)
     source = resolve_source(src, headers_only=True, progress=out.interactive)
     result = make_plan(read_checkpoint(source), tuple(tp), engine, skip_experts, pad_heads)

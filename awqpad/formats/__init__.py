@@ -22,3 +22,13 @@ def detect(parts: dict, method: str):
         if candidate.claims(parts):
             return candidate
     return None
+
+
+def readers_of(linears) -> tuple[str, ...]:
+    """Every reader variant that decodes any of `linears`, in first-seen order (for running a block under each)."""
+    names: list[str] = []
+    for lin in linears:
+        for reader in BY_NAME[lin.format].readers(lin):
+            if reader not in names:
+                names.append(reader)
+    return tuple(names)
