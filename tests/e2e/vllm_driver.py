@@ -5,8 +5,9 @@
 
 `run` starts vLLM's offline engine (CPU, gloo, dtype float16, enforce_eager, greedy) on fixed
 token-id prompts (the test checkpoints have no real tokenizer) and writes the generated token ids and
-per-step log-probs. `compare` exits 0 iff the greedy tokens are identical and the first-step
-log-probs (chosen token and the shared top-k) differ by at most --tol.
+per-step log-probs. `compare` exits 0 iff the greedy tokens are identical (a later step may differ
+only where both runs rank the two picks within --tol: a float16 tie) and the first-step log-probs
+(chosen token and the shared top-k) differ by at most --tol.
 """
 
 from __future__ import annotations
@@ -94,11 +95,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tie(a: dict, b: dict, tol: float) -> float | None:
+    """Where greedy picks differ at one step: the larger of the two runs' margins between the two
+    picks if both runs list both tokens in their top-k and rank them within `tol` of each other (a
+    tie that float16 rounding may break either way), else None (a real disagreement)."""
+    ta, tb = str(a["token"]), str(b["token"])
+    if not {ta, tb} <= set(a["top"]) or not {ta, tb} <= set(b["top"]):
+        return None
+    margin = max(a["top"][ta] - a["top"][tb], b["top"][tb] - b["top"][ta])
+    return margin if margin <= tol else None
+
+
 def compare(ref: dict, other: dict, tol: float) -> tuple[bool, str]:
     """Greedy tokens identical for every prompt, and first-step log-probs (the chosen token and every
-    token in both top-k lists) within `tol`. Later steps are reported, not asserted."""
+    token in both top-k lists) within `tol`. A later step where the picks differ passes only as a
+    tie (both runs rank the two tokens within `tol` of each other); the continuations after it are
+    conditioned on different tokens, so they are not compared."""
     ok = True
     notes = []
+    ties = []
     max_first = 0.0
     max_all = 0.0
     if len(ref["prompts"]) != len(other["prompts"]):
@@ -108,26 +123,35 @@ def compare(ref: dict, other: dict, tol: float) -> tuple[bool, str]:
         if a["prompt"] != b["prompt"]:
             ok = False
             notes.append(f"prompt {i}: different prompt token ids")
-        if a["tokens"] != b["tokens"]:
-            ok = False
-            notes.append(f"prompt {i}: tokens differ {a['tokens']} vs {b['tokens']}")
         sa, sb = a["steps"][0], b["steps"][0]
         d = max(abs(sa["top"][t] - sb["top"][t]) for t in set(sa["top"]) & set(sb["top"])) \
             if set(sa["top"]) & set(sb["top"]) else float("inf")
         if sa["token"] == sb["token"]:
             d = max(d, abs(sa["logprob"] - sb["logprob"]))
         max_first = max(max_first, d)
-        for xa, xb in zip(a["steps"], b["steps"]):
-            if xa["token"] != xb["token"]:
-                break
-            max_all = max(max_all, abs(xa["logprob"] - xb["logprob"]))
+        if len(a["steps"]) != len(b["steps"]):
+            ok = False
+            notes.append(f"prompt {i}: {len(a['steps'])} vs {len(b['steps'])} steps")
+        for step, (xa, xb) in enumerate(zip(a["steps"], b["steps"])):
+            if xa["token"] == xb["token"]:
+                max_all = max(max_all, abs(xa["logprob"] - xb["logprob"]))
+                continue
+            margin = _tie(xa, xb, tol) if step > 0 else None
+            if margin is None:
+                ok = False
+                notes.append(f"prompt {i}: tokens differ at step {step}: {a['tokens']} vs {b['tokens']}")
+            else:
+                ties.append(f"prompt {i} step {step}: {xa['token']} vs {xb['token']} tied within {margin:.4f}")
+            break
     if max_first > tol:
         ok = False
         notes.append(f"first-step log-prob diff {max_first:.4f} > {tol}")
     same = not any("tokens differ" in n for n in notes)
-    summary = (f"tokens {'identical' if same else 'DIFFER'}, first-step |dlogprob| max {max_first:.4f} "
-               f"(tol {tol}), matching steps {max_all:.4f}; tp={other['tp']} load {other['load_s']}s "
-               f"gen {other['generate_s']}s")
+    summary = (f"tokens {'identical' if same and not ties else 'identical up to ties' if same else 'DIFFER'}, "
+               f"first-step |dlogprob| max {max_first:.4f} (tol {tol}), matching steps {max_all:.4f}; "
+               f"tp={other['tp']} load {other['load_s']}s gen {other['generate_s']}s")
+    if ties:
+        summary += "; float16 ties (not compared further): " + "; ".join(ties)
     if notes:
         summary += "; " + "; ".join(notes)
     return ok, summary
