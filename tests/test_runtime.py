@@ -259,21 +259,32 @@ def test_real_quantizer_checkpoint_third_party_decoders(method, real_pairs):
     assert padded == 3 * MODEL.layers * len(decoders)
 
 
-def test_transformers_logits_identical_after_head_padding(tmp_path):
-    """Issue 8: Qwen2.5-7B's head layout (28 query / 4 KV heads) padded to 32 heads for TP 8 (zero heads at
-    the end of each KV group, zero o_proj columns, explicit head_dim). transformers >= 4.48 reads head_dim
-    for Qwen2, so the padded model must give the unpadded model's logits."""
+HEAD_SHAPES = {
+    # Qwen2.5-7B's head layout (28 query / 4 KV heads), refused at TP 8, scaled down to head_dim 16
+    "qwen2.5-7b-heads-tp8": (Model("qwen2", hidden=448, intermediate=1024, heads=28, kv_heads=4, head_dim=16, layers=2,
+                                   vocab=320), 8, 32),
+    # Qwen2.5-0.5B's real attention dims (896 = 14 x 64, 2 KV heads, no head_dim in config), refused at TP 4
+    "qwen2.5-0.5b-heads-tp4": (Model("qwen2", hidden=896, intermediate=512, heads=14, kv_heads=2, head_dim=64, layers=2,
+                                     vocab=320), 4, 16),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(HEAD_SHAPES))
+def test_transformers_logits_identical_after_head_padding(tmp_path, shape):
+    """Issue 8: zero heads at the end of each KV group, zero o_proj columns, explicit head_dim.
+    transformers >= 4.48 reads head_dim for Qwen2, so the padded model must give the unpadded logits."""
     _require_runtime()
-    model = Model("qwen2", hidden=448, intermediate=1024, heads=28, kv_heads=4, head_dim=16, layers=2, vocab=320)
+    model, tp, new_heads = HEAD_SHAPES[shape]
     build_checkpoint(tmp_path / "src", model, Quant("fp16"), shards=2, seed=5)
-    proc = subprocess.run([sys.executable, "-m", "awqpad", "pad", str(tmp_path / "src"), str(tmp_path / "out"), "--tp", "8",
+    proc = subprocess.run([sys.executable, "-m", "awqpad", "pad", str(tmp_path / "src"), str(tmp_path / "out"), "--tp", str(tp),
                            "--engine", "sglang", "--pad-heads", "--quiet"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert (config["num_attention_heads"], config["head_dim"]) == (32, 16)
-    # float64: head padding changes o_proj's K (448 -> 512) and the attention kernel's head batching, so
-    # float16 sums round differently (~1e-3 here) although every added term is an exact zero; in float64
-    # the reordering is far below the logits' resolution and the result must agree to ~1e-12.
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == \
+        (new_heads, model.kv_heads, model.head_dim)
+    # float64: head padding changes o_proj's K and the attention kernel's head batching, so float16 sums
+    # round differently (~1e-3) although every added term is an exact zero; in float64 the reordering is
+    # far below the logits' resolution and the result must agree to ~1e-12.
     a, _ = hf_logits(tmp_path / "src", torch.float64)
     b, _ = hf_logits(tmp_path / "out", torch.float64)
     assert torch.isfinite(a).all() and a.abs().max() > 0.1
@@ -282,8 +293,9 @@ def test_transformers_logits_identical_after_head_padding(tmp_path):
     # and the wrong layout (zero heads appended after the last KV group) is caught by the same comparison
     from safetensors.torch import load_file, save_file
 
-    d, per = 16, 8
-    order = [g * per + i for g in range(4) for i in range(per - 1)] + [g * per + per - 1 for g in range(4)]
+    d, per, groups = model.head_dim, new_heads // model.kv_heads, model.kv_heads
+    assert new_heads - model.heads == groups  # one zero head at the end of each group, as awqpad lays it out
+    order = [g * per + i for g in range(groups) for i in range(per - 1)] + [g * per + per - 1 for g in range(groups)]
     rows = torch.cat([torch.arange(x * d, (x + 1) * d) for x in order])
     for shard in (tmp_path / "out").glob("*.safetensors"):
         t = load_file(str(shard))
