@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -262,6 +263,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
         return sha
 
+    def _at(self, repo_id: str, rev: str, *, files: bool = False) -> tuple[FakeRepo, str] | None:
+        """(repo, commit sha) if this request may read `repo_id` at `rev`; otherwise the Hub's error is sent."""
+        repo = self._repo(repo_id, files=files)
+        if repo is None:
+            return None
+        sha = self._rev(repo, rev)
+        return None if sha is None else (repo, sha)
+
     @staticmethod
     def _split(path: str) -> list[str]:
         return [unquote(p) for p in path.split("/") if p != ""]
@@ -309,12 +318,10 @@ class _Handler(BaseHTTPRequestHandler):
             pass
 
     def _info(self, repo_id: str, rev: str, query: dict) -> None:
-        repo = self._repo(repo_id)
-        if repo is None:
+        found = self._at(repo_id, rev)
+        if found is None:
             return
-        sha = self._rev(repo, rev)
-        if sha is None:
-            return
+        repo, sha = found
         files = repo.commits[sha]
         blobs = query.get("blobs", ["false"])[0].lower() in ("1", "true")
         siblings = []
@@ -334,12 +341,10 @@ class _Handler(BaseHTTPRequestHandler):
         })
 
     def _tree(self, repo_id: str, rev: str, prefix: str, query: dict) -> None:
-        repo = self._repo(repo_id)
-        if repo is None:
+        found = self._at(repo_id, rev)
+        if found is None:
             return
-        sha = self._rev(repo, rev)
-        if sha is None:
-            return
+        repo, sha = found
         recursive = query.get("recursive", ["false"])[0].lower() in ("1", "true")
         prefix = prefix.strip("/")
         base = prefix + "/" if prefix else ""
@@ -366,12 +371,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(200, folders + entries)
 
     def _resolve(self, repo_id: str, rev: str, path: str) -> None:
-        repo = self._repo(repo_id, files=True)
-        if repo is None:
+        found = self._at(repo_id, rev, files=True)
+        if found is None:
             return
-        sha = self._rev(repo, rev)
-        if sha is None:
-            return
+        repo, sha = found
         data = repo.commits[sha].get(path)
         if data is None:
             return self._error(404, "EntryNotFound", f"{path} does not exist on {rev}", {"X-Repo-Commit": sha})
@@ -426,12 +429,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _preupload(self, repo_id: str, rev: str, payload: dict) -> None:
         if not self._need_write():
             return
-        repo = self._repo(repo_id)
-        if repo is None:
+        found = self._at(repo_id, rev)
+        if found is None:
             return
-        sha = self._rev(repo, rev)
-        if sha is None:
-            return
+        repo, sha = found
         current = repo.commits[sha]
         files = []
         for f in payload.get("files", []):
@@ -444,12 +445,10 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._need_write():
             return
         hub = self.server_hub
-        repo = self._repo(repo_id)
-        if repo is None:
+        found = self._at(repo_id, rev)
+        if found is None:
             return
-        sha = self._rev(repo, rev)
-        if sha is None:
-            return
+        repo, sha = found
         files = dict(repo.commits[sha])
         summary = "commit"
         for line in body.splitlines():
@@ -515,3 +514,12 @@ def patch_hub_env(monkeypatch, endpoint: str, hf_home: Path, *, offline: bool = 
     for name, value in values.items():
         if hasattr(c, name):
             monkeypatch.setattr(c, name, value)
+
+
+def client_env(hub: HubServer, hf_home, root, **extra: str) -> dict:
+    """Environment for an awqpad subprocess that talks to `hub` only: no inherited HF_* settings, no
+    AWQPAD_DEBUG (tracebacks would hide the one-line errors under test), a private HF_HOME."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("HF_", "HUGGINGFACE_")) and k != "AWQPAD_DEBUG"}
+    env.update(HF_ENDPOINT=hub.url, HF_HOME=str(hf_home), HF_HUB_DISABLE_TELEMETRY="1", PYTHONPATH=str(root), **extra)
+    return env

@@ -19,7 +19,7 @@ import pytest
 
 from awqpad.hub import model_card, source_line
 from tests.factory import Model, Quant, build_checkpoint
-from tests.hub_server import TOKEN, HubServer, patch_hub_env
+from tests.hub_server import TOKEN, HubServer, client_env, patch_hub_env
 
 REPO = "org/tiny-awq"
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,11 +48,7 @@ def hub(ckpt):
 @pytest.fixture
 def env(hub, tmp_path) -> dict:
     hub.reset()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
-    env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf-home"), HF_HUB_DISABLE_TELEMETRY="1",
-               PYTHONPATH=str(ROOT), AWQPAD_DEBUG="")
-    env.pop("AWQPAD_DEBUG")
-    return env
+    return client_env(hub, tmp_path / "hf-home", ROOT)
 
 
 def awqpad(env: dict, *args) -> subprocess.CompletedProcess:

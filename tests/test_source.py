@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -19,7 +18,7 @@ import pytest
 from awqpad.errors import InputError
 from awqpad.source import DOWNLOAD_IGNORE, Source, parse_repo_spec, record_source, resolve_source
 from tests.factory import Model, Quant, build_checkpoint
-from tests.hub_server import TOKEN, HubServer, patch_hub_env
+from tests.hub_server import TOKEN, HubServer, client_env, patch_hub_env
 
 REPO = "org/tiny-awq"
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,10 +46,7 @@ def hub(ckpt):
 @pytest.fixture
 def hf_env(hub, tmp_path) -> dict:
     hub.reset()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
-    env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf-home"), HF_HUB_DISABLE_TELEMETRY="1",
-               HF_HUB_DISABLE_PROGRESS_BARS="1", PYTHONPATH=str(ROOT))
-    return env
+    return client_env(hub, tmp_path / "hf-home", ROOT, HF_HUB_DISABLE_PROGRESS_BARS="1")
 
 
 def _resolve(env: dict, spec: str, **kwargs) -> dict:
