@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from awqpad.formats.awq_gemm import AWQ_ORDER
-from awqpad.header import encode_header
+from awqpad.checkpoint.formats.awq_gemm import AWQ_ORDER
+from awqpad.checkpoint.header import encode_header
 
 HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS, HEAD_DIM, VOCAB, GROUP = 512, 2432, 2, 8, 4, 64, 320, 128
 

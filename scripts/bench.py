@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from awqpad.header import encode_header  # noqa: E402
+from awqpad.checkpoint.header import encode_header  # noqa: E402
 
 # Qwen2-72B layer shapes (29568 = 231 groups: not whole groups per rank at TP 2/4/8), smaller vocab.
 HIDDEN, INTER, HEADS, KV, HEAD_DIM, VOCAB, GROUP = 8192, 29568, 64, 8, 128, 32000, 128

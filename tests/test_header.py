@@ -8,7 +8,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from awqpad.errors import InputError
-from awqpad.header import encode_header, read_header
+from awqpad.checkpoint.header import encode_header, read_header
 
 
 def _raw(path, header: dict, data: bytes, pad_to=None):

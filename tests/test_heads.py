@@ -19,15 +19,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from awqpad import attention_sim, formats, heads
-from awqpad.attention_sim import attention_from_weights, attention_reference, compare_attention, load_attention
-from awqpad.checkpoint import read_checkpoint
+from awqpad.verify import simulate_attention as attention_sim
+from awqpad.checkpoint import formats
+from awqpad.plan import heads
+from awqpad.verify.simulate_attention import attention_from_weights, attention_reference, compare_attention, load_attention
+from awqpad.checkpoint.model import read_checkpoint
 from awqpad.errors import UnsupportedError
-from awqpad.formats.base import LogicalInsert
-from awqpad.heads import HeadBlocker, HeadPlan, plan_heads
-from awqpad.output_repo import pad_to_directory
-from awqpad.plan import make_plan
-from awqpad.rules import evaluate
+from awqpad.checkpoint.formats.base import LogicalInsert
+from awqpad.plan.heads import HeadBlocker, HeadPlan, plan_heads
+from awqpad.execute.output_repo import pad_to_directory
+from awqpad.plan.pad_plan import make_plan
+from awqpad.engines.evaluate import evaluate
 from awqpad.source import resolve_source
 from tests.factory import Model, Quant, build_checkpoint, dequantize_all, load_tensors
 

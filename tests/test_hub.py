@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from awqpad.hub import model_card, source_line
+from awqpad.source.push import model_card, source_line
 from tests.factory import Model, Quant, build_checkpoint
 from tests.hub_server import TOKEN, HubServer, client_env, patch_hub_env
 
@@ -242,7 +242,7 @@ def _push(env: dict, out: Path, repo: str, **kwargs) -> dict:
     code = textwrap.dedent(f"""
         import json
         from awqpad.errors import AwqpadError
-        from awqpad.hub import push_to_hub
+        from awqpad.source.push import push_to_hub
         try:
             print(json.dumps({{"url": push_to_hub({str(out)!r}, {repo!r}, **{kwargs!r})}}))
         except AwqpadError as e:
@@ -292,7 +292,7 @@ def test_push_public_and_roundtrip(padded, hub, env):
 @pytest.mark.parametrize("case", ["no-token", "bad-token", "bad-repo-id", "no-network", "not-a-dir", "offline"])
 def test_push_errors_are_one_line(padded, hub, dead_endpoint, tmp_path, monkeypatch, case):
     from awqpad.errors import AwqpadError
-    from awqpad.hub import push_to_hub
+    from awqpad.source.push import push_to_hub
 
     out, repo, token, endpoint, offline, code, needle = {
         "no-token": (padded[0], "me/x", None, hub.url, False, 4, "set HF_TOKEN to a token with write access"),

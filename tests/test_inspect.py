@@ -10,8 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from awqpad.checkpoint import read_checkpoint
-from awqpad.report import inspect_report
+from awqpad.checkpoint.model import read_checkpoint
+from awqpad.plan.inspect_report import inspect_report
 from awqpad.source import resolve_source
 from tests.factory import ARCHS, MOE_ARCHS, Model, Quant, build_checkpoint
 
@@ -117,7 +117,7 @@ def _sparse(path, config, tensors):
     """Header-only checkpoint: real safetensors header, file truncated to its full size."""
     import os
 
-    from awqpad.header import encode_header
+    from awqpad.checkpoint.header import encode_header
 
     path.mkdir()
     entries = [(n, "F16", shape, 2 * int(np.prod(shape))) for n, shape in tensors.items()]
@@ -142,7 +142,7 @@ def test_qwen_v1_doubled_intermediate_size_is_understood(tmp_path):
     ckpt = read_checkpoint(resolve_source(str(tmp_path / "qwen")))
     assert ckpt.dims.widths == {"dense": (half,)}
     assert [f.level for f in ckpt.findings] == ["info"] and "2 x the projection width" in ckpt.findings[0].message
-    from awqpad.plan import make_plan
+    from awqpad.plan.pad_plan import make_plan
 
     assert not make_plan(ckpt, (2,), "vllm").needs_padding  # unquantized: only whole splits: 2434 % 2 == 0
     plan = make_plan(ckpt, (4,), "vllm")  # 2434 -> 2436 per projection, so the config says 2 x 2436

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from awqpad.checkpoint import read_checkpoint
-from awqpad.output_repo import pad_to_directory
-from awqpad.plan import make_plan
+from awqpad.checkpoint.model import read_checkpoint
+from awqpad.execute.output_repo import pad_to_directory
+from awqpad.plan.pad_plan import make_plan
 from awqpad.source import resolve_source
 from tests.factory import (
     Model, Quant, build_checkpoint, dequant_awq, dequant_ct, dequant_gptq, load_tensors, mlp_forward, unpack,

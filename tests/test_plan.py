@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from awqpad.checkpoint import read_checkpoint
-from awqpad.plan import make_plan
-from awqpad.rules import evaluate
+from awqpad.checkpoint.model import read_checkpoint
+from awqpad.plan.pad_plan import make_plan
+from awqpad.engines.evaluate import evaluate
 from awqpad.source import resolve_source
 from tests.factory import Model, Quant, build_checkpoint
 

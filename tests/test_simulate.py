@@ -14,14 +14,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from awqpad import simulate
-from awqpad.checkpoint import Linear, MLPBlock, read_checkpoint
-from awqpad.header import TensorInfo
-from awqpad.output_repo import pad_to_directory
-from awqpad.plan import make_plan
-from awqpad.rules import evaluate
+from awqpad.verify import simulate_mlp as simulate
+from awqpad.checkpoint.model import Linear, MLPBlock, read_checkpoint
+from awqpad.checkpoint.header import TensorInfo
+from awqpad.execute.output_repo import pad_to_directory
+from awqpad.plan.pad_plan import make_plan
+from awqpad.engines.evaluate import evaluate
 from awqpad.source import resolve_source
-from awqpad.tensor_io import read_array
+from awqpad.execute.tensor_io import read_array
 from tests.factory import Model, Quant, build_checkpoint, mlp_forward
 
 SMALL = dict(hidden=256, heads=4, kv_heads=2, head_dim=64, intermediate=640)

@@ -147,7 +147,7 @@ def test_headers_only_fetches_headers_into_sparse_files(hub, hf_env, ckpt):
 def test_headers_only_reads_like_a_local_directory(hub, hf_env, ckpt):
     code = textwrap.dedent(f"""
         import json
-        from awqpad.checkpoint import read_checkpoint
+        from awqpad.checkpoint.model import read_checkpoint
         from awqpad.source import resolve_source
         a = read_checkpoint(resolve_source({REPO!r}, headers_only=True))
         b = read_checkpoint(resolve_source({str(ckpt)!r}))
@@ -274,7 +274,7 @@ def test_gated_repo_message(hub, tmp_path, monkeypatch, ckpt):
 def test_pickle_only_repo_is_refused_by_name(hub, tmp_path, monkeypatch, ckpt):
     files = {k: v for k, v in _files(ckpt).items() if not k.endswith((".safetensors", ".safetensors.index.json"))}
     hub.add_repo("org/pickles", files)  # config.json + pytorch_model.bin (+ original/)
-    from awqpad.checkpoint import read_checkpoint
+    from awqpad.checkpoint.model import read_checkpoint
 
     headers = _resolve_here(monkeypatch, hub, tmp_path / "hf-home", "org/pickles", headers_only=True)
     assert "error" not in headers, headers

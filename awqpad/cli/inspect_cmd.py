@@ -7,11 +7,11 @@ import dataclasses
 from rich.console import Console
 from rich.table import Table
 
-from awqpad.checkpoint import read_checkpoint
+from awqpad.checkpoint.model import read_checkpoint
 from awqpad.cli.options import EngineOpt, JsonOpt, QuietOpt, SrcArg
 from awqpad.cli.output import Output
-from awqpad.engines import DEFAULT_ENGINE, check_engine
-from awqpad.report import InspectReport, inspect_report
+from awqpad.engines.profiles import DEFAULT_ENGINE, check_engine
+from awqpad.plan.inspect_report import InspectReport, inspect_report
 from awqpad.source import resolve_source
 
 HELP = "Describe a checkpoint: format, quant config, dims, and which TP sizes load today (reads headers only).\n\nExample: awqpad inspect ./Qwen2-72B-Instruct-AWQ"

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from awqpad.engines import DEFAULT_ENGINE, ENGINE_CHOICES
+from awqpad.engines.profiles import DEFAULT_ENGINE, ENGINE_CHOICES
 
 SrcArg = Annotated[str, typer.Argument(help="Checkpoint directory, Hugging Face repo id org/name[@revision], or a cached repo.", show_default=False)]
 TpOpt = Annotated[list[int], typer.Option("--tp", help="Tensor-parallel size; repeat for several (--tp 2 --tp 4).", min=1)]

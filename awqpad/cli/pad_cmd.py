@@ -8,16 +8,16 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from awqpad.checkpoint import read_checkpoint
+from awqpad.checkpoint.model import read_checkpoint
 from awqpad.cli.inspect_cmd import human_bytes
 from awqpad.cli.options import EngineOpt, JsonOpt, PadHeadsOpt, QuietOpt, SkipExpertsOpt, SrcArg, TpOpt
 from awqpad.cli.output import Output
 from awqpad.cli.plan_cmd import serve_command
-from awqpad.engines import DEFAULT_ENGINE, check_engine
+from awqpad.engines.profiles import DEFAULT_ENGINE, check_engine
 from awqpad.errors import BlockedError, InputError
-from awqpad.hub import push_to_hub
-from awqpad.output_repo import PROVENANCE, pad_to_directory
-from awqpad.plan import make_plan, plan_summary
+from awqpad.source.push import push_to_hub
+from awqpad.execute.output_repo import PROVENANCE, pad_to_directory
+from awqpad.plan.pad_plan import make_plan, plan_summary
 from awqpad.source import parse_repo_spec, resolve_source
 
 HELP = """Write a padded copy of SRC to OUT that loads at the given TP size(s). SRC is never modified;

@@ -9,13 +9,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from awqpad.checkpoint import read_checkpoint
+from awqpad.checkpoint.model import read_checkpoint
 from awqpad.cli.inspect_cmd import human_bytes
 from awqpad.cli.options import EngineOpt, JsonOpt, PadHeadsOpt, QuietOpt, SkipExpertsOpt, SrcArg, TpOpt
 from awqpad.cli.output import Output
-from awqpad.engines import DEFAULT_ENGINE, check_engine
+from awqpad.engines.profiles import DEFAULT_ENGINE, check_engine
 from awqpad.errors import BlockedError
-from awqpad.plan import PadPlan, make_plan, plan_summary
+from awqpad.plan.pad_plan import PadPlan, make_plan, plan_summary
 from awqpad.source import resolve_source
 
 HELP = """Show what padding the given TP size(s) need on an engine, and what it costs (reads headers only).

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from awqpad.errors import InputError
-from awqpad.formats.base import Fill, Geometry, make_op, scaled, to_float64
+from awqpad.checkpoint.formats.base import Fill, Geometry, make_op, scaled, to_float64
 
 NAME = "dense"
 PARTS = ("weight", "bias")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from awqpad.checkpoint import Checkpoint
-from awqpad.plan import make_plan
+from awqpad.checkpoint.model import Checkpoint
+from awqpad.plan.pad_plan import make_plan
 
 INSPECT_TPS = (1, 2, 4, 8, 16)
 

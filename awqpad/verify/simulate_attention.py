@@ -31,11 +31,12 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from awqpad import formats, simulate
-from awqpad.checkpoint import Checkpoint, Linear
-from awqpad.formats.base import to_float64
-from awqpad.simulate import ShardError, relative_error, take
-from awqpad.tensor_io import read_array
+from awqpad.checkpoint import formats
+from awqpad.verify import simulate_mlp as simulate
+from awqpad.checkpoint.model import Checkpoint, Linear
+from awqpad.checkpoint.formats.base import to_float64
+from awqpad.verify.simulate_mlp import ShardError, relative_error, take
+from awqpad.execute.tensor_io import read_array
 
 REL_TOL = 1e-12
 NORM_KEYS = {"q": ("q_norm", "q_layernorm"), "k": ("k_norm", "k_layernorm")}

@@ -17,9 +17,9 @@ from typing import Callable
 import numpy as np
 
 from awqpad.errors import InputError, OutputError
-from awqpad.formats.base import Fill, TensorOp, fill_bytes
-from awqpad.header import ShardHeader, TensorInfo, encode_header, tensor_nbytes
-from awqpad.tensor_io import ARRAY_DTYPES, RAW_DTYPES, itemsize, pread_exact
+from awqpad.checkpoint.formats.base import Fill, TensorOp, fill_bytes
+from awqpad.checkpoint.header import ShardHeader, TensorInfo, encode_header, tensor_nbytes
+from awqpad.execute.tensor_io import ARRAY_DTYPES, RAW_DTYPES, itemsize, pread_exact
 
 BLOCK_BYTES = 16 << 20
 COPY_CHUNK = 32 << 20

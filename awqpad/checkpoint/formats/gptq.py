@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from awqpad.errors import InputError, UnsupportedError
-from awqpad.formats.base import (
+from awqpad.checkpoint.formats.base import (
     MID_WORD, MID_WORD_V1_ZERO, Fill, Geometry, Insert, TensorOp, make_op, scaled, to_float64, unpack_words,
 )
 

@@ -26,9 +26,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from awqpad import formats
-from awqpad.checkpoint import Linear, MLPBlock
-from awqpad.formats.base import to_float64
+from awqpad.checkpoint import formats
+from awqpad.checkpoint.model import Linear, MLPBlock
+from awqpad.checkpoint.formats.base import to_float64
 
 ACTIVATIONS = {
     "silu": lambda x: x / (1.0 + np.exp(-x)),

@@ -13,7 +13,7 @@ from typing import Iterator
 import numpy as np
 
 from awqpad.errors import InputError
-from awqpad.header import DTYPE_BITS, TensorInfo
+from awqpad.checkpoint.header import DTYPE_BITS, TensorInfo
 
 RAW_DTYPES = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 ARRAY_DTYPES = {

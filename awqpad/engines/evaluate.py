@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from awqpad.checkpoint import Checkpoint
-from awqpad.engines import ENGINES, Rule
+from awqpad.checkpoint.model import Checkpoint
+from awqpad.engines.profiles import ENGINES, Rule
 
 MLP_KINDS = ("dense", "shared", "expert")
 KIND_LABEL = {"dense": "MLP", "shared": "shared expert", "expert": "MoE expert"}

@@ -11,11 +11,11 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from awqpad import formats
-from awqpad.architecture import ROLES, VISION_PREFIXES, Family, compile_patterns, find_family
-from awqpad.config import ModelConfig, QuantConfig, module_quant, read_model_config, read_quant_config
+from awqpad.checkpoint import formats
+from awqpad.checkpoint.architecture import ROLES, VISION_PREFIXES, Family, compile_patterns, find_family
+from awqpad.checkpoint.config import ModelConfig, QuantConfig, module_quant, read_model_config, read_quant_config
 from awqpad.errors import InputError
-from awqpad.header import ShardHeader, TensorInfo, read_header
+from awqpad.checkpoint.header import ShardHeader, TensorInfo, read_header
 from awqpad.source import Source
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")

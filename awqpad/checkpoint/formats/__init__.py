@@ -1,6 +1,6 @@
 """Format registry: an explicit tuple; which one owns a module is decided by quant_method first."""
 
-from awqpad.formats import awq_gemm, compressed_tensors, dense, gptq
+from awqpad.checkpoint.formats import awq_gemm, compressed_tensors, dense, gptq
 
 FORMATS = (awq_gemm, gptq, compressed_tensors, dense)
 BY_NAME = {fmt.NAME: fmt for fmt in FORMATS}

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Callable
 
 from awqpad import __version__
-from awqpad.checkpoint import Checkpoint
+from awqpad.checkpoint.model import Checkpoint
 from awqpad.errors import InputError, OutputError
-from awqpad.execute import shard_output_size, write_shard
-from awqpad.plan import PadPlan, plan_summary
+from awqpad.execute.shard_writer import shard_output_size, write_shard
+from awqpad.plan.pad_plan import PadPlan, plan_summary
 from awqpad.serialize import to_data
 
 PROVENANCE = "awqpad.json"
@@ -99,7 +99,7 @@ def model_card_section(plan: PadPlan, ckpt: Checkpoint) -> str:
     for d in plan.changed_dims:
         lines.append(f"- `{d.config_key or d.kind + ' width'}`: {d.original} → {d.padded} ({d.modules} MLP blocks, +{100 * d.added_fraction:.2f} %)")
     if plan.heads is not None:
-        from awqpad.heads import caveat_markdown
+        from awqpad.plan.heads import caveat_markdown
 
         lines += [f"- {plan.heads.summary}", "", caveat_markdown(plan.heads)]
     lines += ["", "Serve it with:", "", "```", f"vllm serve <this repo> --tensor-parallel-size {max(plan.tp)}", "```",
@@ -273,7 +273,7 @@ def _write_index(ckpt: Checkpoint, plan: PadPlan, tmp: Path) -> None:
         index = json.loads(src.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise InputError(f"{src}: cannot re-read the index ({exc})")
-    from awqpad.header import tensor_nbytes
+    from awqpad.checkpoint.header import tensor_nbytes
 
     ops = {op.tensor: op for op in plan.ops}
     total = sum(tensor_nbytes(t.dtype, ops[n].new_shape if n in ops else t.shape) for n, t in ckpt.tensors.items())

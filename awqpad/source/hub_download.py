@@ -1,40 +1,21 @@
-"""SRC (local directory | Hugging Face repo id `org/name[@revision]`) -> a local directory of files.
-
-A repo id resolves through huggingface_hub, so HF_TOKEN, HF_ENDPOINT, HF_HOME / HF_HUB_CACHE and
-HF_HUB_OFFLINE are honoured exactly as the hub library honours them:
-
-* `headers_only=True` (inspect, plan): config.json, the safetensors index and the quantization side
-  files are downloaded into the normal HF cache; of each shard only the 8-byte length and the JSON
-  header are fetched, with HTTP Range requests through huggingface_hub's own HTTP session. They are
-  materialised as *sparse* files of the remote size under `$HF_HOME/awqpad/headers/`, so
-  `read_checkpoint` reads them like a local directory. Planning a 40 GB repo costs kilobytes.
-* `headers_only=False` (pad, verify): `snapshot_download` into the normal HF cache (resumable),
-  skipping files the output never needs (`*.bin`, `*.pth`, `original/`, ...).
-"""
+"""Hub repo -> local files: a `snapshot_download` into the HF cache (pad, verify), or config + index +
+safetensors headers only, materialised as sparse files (inspect, plan)."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import struct
-import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from awqpad.errors import InputError
-
-REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[^\s]+))?$")
-
-INDEX_NAME = "model.safetensors.index.json"
-# Small JSON files read_checkpoint may look at besides config.json and the index (see awqpad/config.py).
-SIDE_FILES = ("quantize_config.json", "quant_config.json")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+from awqpad.source.hub_common import library_version as _version
+from awqpad.source.hub_common import progress_bars as _progress_bars
+from awqpad.source.spec import INDEX_NAME, PICKLE_SUFFIXES, SIDE_FILES, Source
+from awqpad.source.spec import where as _where
 
 # What `pad` / `verify` download from a repo: the shards, every small file the output carries along
 # (tokenizer, chat template, generation config, model card, licence, code for trust_remote_code), and
@@ -56,84 +37,6 @@ HEADER_PROBE = 16 * 1024  # first Range request for a shard the index says nothi
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own cap
 COMPLETE = ".awqpad-headers.json"  # marker written last into a finished headers directory
 
-
-@dataclass(frozen=True)
-class Source:
-    root: Path  # local directory holding config.json and the shards
-    source_id: str  # what the user typed, minus the revision
-    revision: str | None  # resolved commit for hub sources, None for plain directories
-    is_hub: bool = False
-    fetched_bytes: int = 0  # bytes transferred from the Hub to describe this source
-
-
-def record_source(source: Source) -> dict:
-    """The `source` entry of awqpad.json: the repo id (or directory) and the resolved commit."""
-    return {"id": source.source_id, "revision": source.revision, "hub": source.is_hub}
-
-
-def parse_repo_spec(spec: str) -> tuple[str, str | None] | None:
-    """`org/name[@revision]` -> (repo_id, revision); None if `spec` is not shaped like a repo id."""
-    match = REPO_ID.match(spec)
-    if match is None or spec.startswith((".", "/", "~")):
-        return None
-    return match["repo"], match["revision"]
-
-
-def resolve_source(
-    spec: str,
-    *,
-    headers_only: bool = False,
-    allow_patterns: list[str] | None = None,
-    progress: bool | None = None,
-) -> Source:
-    """Resolve SRC. `headers_only`: the caller reads config, index and safetensors headers only
-    (inspect, plan), so a Hub source need not download weights. `allow_patterns` replaces the default
-    download filter of a Hub snapshot. `progress`: show huggingface_hub's download bars (None: the
-    awqpad's rule, only when stderr is a terminal; pass False in --json / --quiet mode)."""
-    path = Path(spec).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise InputError(f"{spec}: not a directory (SRC must be a checkpoint directory or a repo id)")
-        return Source(path.resolve(), str(path), None)
-    parsed = parse_repo_spec(spec)
-    if parsed is None:
-        raise InputError(f"{spec}: no such directory")
-    repo_id, revision = parsed
-    from awqpad.hub import hub_error
-
-    try:
-        if headers_only:
-            return _resolve_headers(repo_id, revision)
-        return _resolve_snapshot(repo_id, revision, allow_patterns, progress)
-    except InputError:
-        raise
-    except Exception as exc:  # huggingface_hub / httpx errors -> one line naming the repo
-        raise hub_error(exc, repo_id, revision) from None
-
-
-# --- helpers ---------------------------------------------------------------------------------------
-
-
-def _where(repo_id: str, revision: str | None) -> str:
-    return f"{repo_id}@{revision}" if revision else repo_id
-
-
-@contextmanager
-def _progress_bars(enabled: bool | None) -> Iterator[None]:
-    """huggingface_hub's tqdm bars off for the duration unless `enabled` (None: only on a terminal, like
-    awqpad's own bars); never forces them on against HF_HUB_DISABLE_PROGRESS_BARS."""
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    if enabled or are_progress_bars_disabled():
-        yield
-        return
-    disable_progress_bars()
-    try:
-        yield
-    finally:
-        enable_progress_bars()
 
 
 def _check_weights(root: Path, repo_id: str, commit: str, offline: bool) -> None:
@@ -181,7 +84,7 @@ def _cached_tree_pickles(repo_id: str, commit: str) -> list[str]:
 # --- pad / verify: the snapshot in the normal HF cache ---------------------------------------------
 
 
-def _resolve_snapshot(repo_id: str, revision: str | None, allow_patterns: list[str] | None, progress: bool | None) -> Source:
+def resolve_snapshot(repo_id: str, revision: str | None, allow_patterns: list[str] | None, progress: bool | None) -> Source:
     from huggingface_hub import is_offline_mode, snapshot_download
 
     offline = is_offline_mode()
@@ -213,12 +116,6 @@ def _check_online(repo_id: str, revision: str | None) -> None:
         repo_id, revision=revision, repo_type="model", timeout=constants.HF_HUB_ETAG_TIMEOUT)
 
 
-def _version() -> str:
-    from awqpad import __version__
-
-    return __version__
-
-
 # --- inspect / plan: config + index + shard headers only -------------------------------------------
 
 
@@ -242,7 +139,7 @@ def _download_json(repo_id: str, filename: str, commit: str) -> tuple[Path, int]
     return path, 0 if isinstance(cached, str) else path.stat().st_size
 
 
-def _resolve_headers(repo_id: str, revision: str | None) -> Source:
+def resolve_headers(repo_id: str, revision: str | None) -> Source:
     from huggingface_hub import HfApi, hf_hub_download, is_offline_mode, try_to_load_from_cache
     from huggingface_hub.hf_api import RepoFile
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from awqpad.errors import InputError, UnsupportedError
-from awqpad.formats.base import MID_WORD, Fill, Geometry, make_op, scaled, to_float64, unpack_words
+from awqpad.checkpoint.formats.base import MID_WORD, Fill, Geometry, make_op, scaled, to_float64, unpack_words
 
 NAME = "awq-gemm"
 PARTS = ("qweight", "qzeros", "scales", "bias")

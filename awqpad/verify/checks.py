@@ -48,15 +48,16 @@ from typing import Callable
 
 import numpy as np
 
-from awqpad import formats, simulate
-from awqpad.checkpoint import Checkpoint, Linear, MLPBlock, read_checkpoint
-from awqpad.engines import ENGINE_CHOICES, engines_for
+from awqpad.checkpoint import formats
+from awqpad.verify import simulate_mlp as simulate
+from awqpad.checkpoint.model import Checkpoint, Linear, MLPBlock, read_checkpoint
+from awqpad.engines.profiles import ENGINE_CHOICES, engines_for
 from awqpad.errors import AwqpadError, InputError
-from awqpad.formats.base import Fill, Insert, TensorOp, bf16_to_f32, fill_bytes
-from awqpad.rules import evaluate
+from awqpad.checkpoint.formats.base import Fill, Insert, TensorOp, bf16_to_f32, fill_bytes
+from awqpad.engines.evaluate import evaluate
 from awqpad.serialize import to_data
 from awqpad.source import Source
-from awqpad.tensor_io import ARRAY_DTYPES, RAW_DTYPES, itemsize, read_array
+from awqpad.execute.tensor_io import ARRAY_DTYPES, RAW_DTYPES, itemsize, read_array
 
 PROVENANCE = "awqpad.json"
 SCHEMA_VERSION = 1
@@ -149,7 +150,7 @@ def expected_ops(src: Checkpoint, out: Checkpoint, record: dict | None) -> tuple
     OUT's widths, which speak for MLP tensors only.
     """
     from awqpad import __version__
-    from awqpad.plan import make_plan
+    from awqpad.plan.pad_plan import make_plan
 
     if (record is not None and record.get("awqpad_version") == __version__ and record.get("engine") in ENGINE_CHOICES
             and isinstance(record.get("tp"), list) and record["tp"] and all(isinstance(t, int) and t > 0 for t in record["tp"])):
@@ -161,7 +162,7 @@ def expected_ops(src: Checkpoint, out: Checkpoint, record: dict | None) -> tuple
 
 def derive_ops(src: Checkpoint, out: Checkpoint) -> tuple[TensorOp, ...]:
     """The ops the format rules give for SRC padded to OUT's MLP widths (what `pad` must have done)."""
-    from awqpad.plan import block_ops
+    from awqpad.plan.pad_plan import block_ops
 
     ops: list[TensorOp] = []
     for kind, widths in src.dims.widths.items():
@@ -170,7 +171,7 @@ def derive_ops(src: Checkpoint, out: Checkpoint) -> tuple[TensorOp, ...]:
             if block.kind == kind and block.width != new:
                 ops += block_ops(block, new)
     if (out.dims.heads, out.dims.kv_heads) != (src.dims.heads, src.dims.kv_heads) and out.dims.heads:
-        from awqpad.heads import head_ops
+        from awqpad.plan.heads import head_ops
 
         ops += head_ops(src, out.dims.heads, out.dims.kv_heads or out.dims.heads)
     return tuple(ops)
@@ -345,7 +346,7 @@ class _Verifier:
                     recorded = tuple(op for op in recorded if op.tensor in mlp)
                 problems += _compare_ops(recorded, derived)
             if record is not None:
-                from awqpad.output_repo import source_fingerprint
+                from awqpad.execute.output_repo import source_fingerprint
 
                 recorded = (record.get("source") or {}).get("layout_sha256")
                 actual = source_fingerprint(src)
@@ -727,7 +728,7 @@ class _Verifier:
         """Only when heads were padded: every rank's attention shard can be formed (shapes), and, with SRC,
         the fp64 attention block (RoPE, GQA mapping, causal softmax, q/k norms, biases), unsharded and
         sharded by heads, equals the unpadded SRC block."""
-        from awqpad import attention_sim
+        from awqpad.verify import simulate_attention as attention_sim
 
         out, src = self.out, self.src
         padded = src is not None and (out.dims.heads, out.dims.kv_heads) != (src.dims.heads, src.dims.kv_heads)

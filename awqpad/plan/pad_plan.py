@@ -13,14 +13,14 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
-from awqpad import formats
-from awqpad.checkpoint import Checkpoint, MLPBlock
-from awqpad.config import check_supported_quant
-from awqpad.engines import ENGINE_NOTES, ENGINES, engines_for
+from awqpad.checkpoint import formats
+from awqpad.checkpoint.model import Checkpoint, MLPBlock
+from awqpad.checkpoint.config import check_supported_quant
+from awqpad.engines.profiles import ENGINE_NOTES, ENGINES, engines_for
 from awqpad.errors import UnsupportedError
-from awqpad.formats.base import Fill, LogicalInsert, TensorOp, make_op
-from awqpad.heads import HeadBlocker, HeadPlan, evaluate_with_heads, plan_heads
-from awqpad.rules import KIND_LABEL, MLP_KINDS, Violation, applies, constraint, evaluate, mlp_subject
+from awqpad.checkpoint.formats.base import Fill, LogicalInsert, TensorOp, make_op
+from awqpad.plan.heads import HeadBlocker, HeadPlan, evaluate_with_heads, plan_heads
+from awqpad.engines.evaluate import KIND_LABEL, MLP_KINDS, Violation, applies, constraint, evaluate, mlp_subject
 
 SCHEMA_VERSION = 1
 MOE_COST_WARNING = 0.10
@@ -174,7 +174,7 @@ def _nearest_ok(ckpt: Checkpoint, engine: str, rule: str, t: int) -> tuple[int, 
 
 
 def _op_bytes(op: TensorOp) -> int:
-    from awqpad.header import tensor_nbytes
+    from awqpad.checkpoint.header import tensor_nbytes
 
     return tensor_nbytes(op.dtype, op.new_shape) - tensor_nbytes(op.dtype, op.old_shape)
 

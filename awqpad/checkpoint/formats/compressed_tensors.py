@@ -14,8 +14,8 @@ from __future__ import annotations
 import numpy as np
 
 from awqpad.errors import InputError, UnsupportedError
-from awqpad.formats.base import MID_WORD, Fill, Geometry, TensorOp, make_op, scaled, to_float64, unpack_words
-from awqpad.formats.gptq import fresh_group_ids_op
+from awqpad.checkpoint.formats.base import MID_WORD, Fill, Geometry, TensorOp, make_op, scaled, to_float64, unpack_words
+from awqpad.checkpoint.formats.gptq import fresh_group_ids_op
 
 NAME = "compressed-tensors"
 PARTS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx", "bias")

@@ -35,13 +35,13 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from awqpad import formats
-from awqpad.checkpoint import Checkpoint, Linear
-from awqpad.engines import ENGINES
+from awqpad.checkpoint import formats
+from awqpad.checkpoint.model import Checkpoint, Linear
+from awqpad.engines.profiles import ENGINES
 from awqpad.errors import UnsupportedError
-from awqpad.formats.base import LogicalInsert, TensorOp
-from awqpad.header import tensor_nbytes
-from awqpad.rules import Violation, applies, attn_subject, evaluate, multiple_of
+from awqpad.checkpoint.formats.base import LogicalInsert, TensorOp
+from awqpad.checkpoint.header import tensor_nbytes
+from awqpad.engines.evaluate import Violation, applies, attn_subject, evaluate, multiple_of
 
 HEAD_QUANTITIES = ("heads", "kv_heads", "attn.K_r", "attn.N_r")
 HEAD_RULES = ("heads", "kv_heads", "attn-o-groups", "attn-qkv-marlin-n")

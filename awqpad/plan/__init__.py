@@ -1,0 +1,2 @@
+"""Stage 4, plan: what to change, computed without touching a byte (MLP / expert widths, head padding, the
+inspect report). Hands `execute` a serializable `PadPlan` of tensor ops and config updates."""
