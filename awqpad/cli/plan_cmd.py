@@ -13,7 +13,8 @@ from awqpad.checkpoint.model import read_checkpoint
 from awqpad.cli.inspect_cmd import human_bytes
 from awqpad.cli.options import EngineOpt, JsonOpt, PadHeadsOpt, QuietOpt, SkipExpertsOpt, SrcArg, TpOpt
 from awqpad.cli.output import Output
-from awqpad.engines.profiles import DEFAULT_ENGINE, check_engine
+from awqpad.engines.launch import launch_command
+from awqpad.engines.profiles import DEFAULT_ENGINE, ENGINES, check_engine
 from awqpad.errors import BlockedError
 from awqpad.plan.pad_plan import PadPlan, make_plan, plan_summary
 from awqpad.source import resolve_source
@@ -27,16 +28,8 @@ Exit codes: 0 the TP sizes work after padding (or already work), 3 blocked by so
 TensorsOpt = Annotated[bool, typer.Option("--tensors", help="List every tensor that changes, old shape -> new shape.")]
 
 
-SERVE = {
-    "sglang": "python -m sglang.launch_server --model-path {path} --tp {tp}",
-    "lmdeploy": "lmdeploy serve api_server {path} --tp {tp}",
-    "tgi": "text-generation-launcher --model-id {path} --num-shard {tp}",
-    "trtllm": "trtllm-serve {path} --tp_size {tp}",
-}
-
-
 def serve_command(engine: str, path: str, tp: int) -> str:
-    return SERVE.get(engine, "vllm serve {path} --tensor-parallel-size {tp}").format(path=path, tp=tp)
+    return launch_command(engine if engine in ENGINES else DEFAULT_ENGINE, path, tp)
 
 
 def next_commands(plan: PadPlan, src: str) -> dict:
