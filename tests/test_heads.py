@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from awqpad.verify import simulate_attention as attention_sim
 from awqpad.checkpoint import formats
-from awqpad.plan import heads
+from awqpad.plan import head_layout, heads
 from awqpad.verify.simulate_attention import attention_from_weights, attention_reference, compare_attention, load_attention
 from awqpad.checkpoint.model import read_checkpoint
 from awqpad.errors import UnsupportedError
@@ -323,8 +323,8 @@ def test_insert_and_new_groups_combined(tmp_path):
     build_checkpoint(tmp_path / "src", model, Quant("awq", sym=False, group_size=64), shards=1)
     src = ckpt(tmp_path / "src")
     roles = {lin.role: lin for lin in src.linears if lin.block == "attn"}
-    ops = tuple(heads.layer_ops(src, roles, 9, 3))
-    assert heads.strategy_name(4, 2, 9, 3) == "insert-in-groups+new-kv-groups"
+    ops = tuple(head_layout.layer_ops(src, roles, 9, 3))
+    assert head_layout.strategy_name(4, 2, 9, 3) == "insert-in-groups+new-kv-groups"
     hp = dataclasses.replace(plan_heads(src, (1,), "sglang"), ops=ops, config_updates={"num_attention_heads": 9, "num_key_value_heads": 3})
     out = pad(src, hp, (1,), "sglang", tmp_path / "out")
     check = compare_attention(src, out, tps=(3,))
@@ -435,10 +435,10 @@ def test_mla_is_refused(tmp_path):
 def test_inserts_put_every_head_in_its_kv_group(kv, r, add_r, add_kv, d):
     h, k2, r2 = kv * r, kv + add_kv, r + add_r
     h2 = k2 * r2
-    hmap = heads.head_map(h, kv, h2, k2)
+    hmap = head_layout.head_map(h, kv, h2, k2)
     # Apply q_inserts to head labels (a feature of head i is labelled i; new features -1).
     labels = np.repeat(np.arange(h), d)
-    for ins in sorted(heads.q_inserts(h, kv, h2, k2, d), key=lambda i: -i.at):
+    for ins in sorted(head_layout.q_inserts(h, kv, h2, k2, d), key=lambda i: -i.at):
         labels = np.insert(labels, ins.at, np.full(ins.count, -1))
     assert labels.size == h2 * d
     for i in range(h):
@@ -447,7 +447,7 @@ def test_inserts_put_every_head_in_its_kv_group(kv, r, add_r, add_kv, d):
     # Fused [q; k; v] and InternLM2-grouped layouts put q, k and v heads in their padded places.
     for layout in ("fused", "grouped"):
         qkv = _qkv_labels(layout, h, kv, d)
-        for ins in sorted(heads.qkv_inserts(layout, h, kv, h2, k2, d), key=lambda i: -i.at):
+        for ins in sorted(head_layout.qkv_inserts(layout, h, kv, h2, k2, d), key=lambda i: -i.at):
             qkv = np.insert(qkv, ins.at, np.full(ins.count, -1))
         assert np.array_equal(qkv, _qkv_padded(layout, h, kv, h2, k2, d, hmap))
 

@@ -1,4 +1,5 @@
-"""Evaluate engine rules (engines.py) against a checkpoint's dimensions at a TP size."""
+"""Evaluate engine rules (profiles.py) against a checkpoint's dimensions at a TP size, also for a
+hypothetical attention-head count (what head padding asks before choosing one)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from awqpad.engines.profiles import ENGINES, Rule
 
 MLP_KINDS = ("dense", "shared", "expert")
 KIND_LABEL = {"dense": "MLP", "shared": "shared expert", "expert": "MoE expert"}
+HEAD_QUANTITIES = ("heads", "kv_heads", "attn.K_r", "attn.N_r")
+# Rules that only attention-head padding (--pad-heads) can fix.
+HEAD_RULES = ("heads", "kv_heads", "attn-o-groups", "attn-qkv-marlin-n")
 
 
 @dataclass(frozen=True)
@@ -155,3 +159,75 @@ def evaluate(ckpt: Checkpoint, engine: str, t: int, widths: dict[str, int] | Non
 
 def _num(value: float) -> float | int:
     return int(value) if float(value).is_integer() else round(value, 3)
+
+
+# --- attention rules with a hypothetical head count ----------------------------------------------
+
+
+def engine_names(engines) -> tuple[str, ...]:
+    """One engine profile name or an iterable of them, as a tuple."""
+    return (engines,) if isinstance(engines, str) else tuple(engines)
+
+
+def attention_violations(ckpt: Checkpoint, engine: str, t: int, heads: int | None = None,
+                         kv_heads: int | None = None, head_dim: int | None = None) -> list[Violation]:
+    """The attention rules of `engine` (quantities heads, kv_heads, attn.K_r, attn.N_r) at TP t, evaluated
+    for a hypothetical (heads, kv_heads, head_dim); None = the checkpoint's own. Mirrors evaluate."""
+    dims = ckpt.dims
+    heads = dims.heads if heads is None else heads
+    kv = (dims.kv_heads if kv_heads is None else kv_heads) or heads
+    d = dims.head_dim if head_dim is None else head_dim
+    out = []
+
+    def fail(rule, value, m, explanation):
+        text = rule.message.format(value=value, t=t, m=m)
+        return Violation(engine, t, rule.id, rule.quantity, value, m, rule.severity, False, text, explanation, rule.source)
+
+    for rule in ENGINES[engine]:
+        q = rule.quantity
+        if q not in HEAD_QUANTITIES or rule.any_of:
+            continue
+        if q == "heads":
+            if heads and heads % t:
+                out.append(fail(rule, heads, t, f"{heads} attention heads do not split over {t} GPUs"))
+        elif q == "kv_heads":
+            if kv and not ckpt.family.mla:
+                ok = (kv % t == 0 or t % kv == 0) if rule.multiple == "kv-replicate" else kv % t == 0
+                if not ok:
+                    out.append(fail(rule, kv, t, f"{kv} KV heads neither divide nor are divided by TP {t}"))
+        else:
+            part = q.split(".")[1]
+            subject = attn_subject(ckpt, part)
+            if subject is None or not applies(rule, subject) or not heads or heads % t:
+                continue
+            m = multiple_of(rule, t, subject.group, subject.bits)
+            if part == "K_r":
+                value = heads * (d or 0) / t
+            else:
+                value = (heads // t + 2 * max(1, kv // t)) * (d or 0)
+            if value != int(value) or int(value) % m:
+                what = "o_proj input" if part == "K_r" else "merged qkv output"
+                out.append(fail(rule, _num(value), m, f"per-rank {what} {_num(value)} is not a multiple of {m} "
+                                                      "(needs attention-head padding)"))
+    return out
+
+
+def evaluate_with_heads(ckpt: Checkpoint, engine: str, t: int, widths: dict[str, int] | None = None,
+                        heads: int | None = None, kv_heads: int | None = None) -> list[Violation]:
+    """evaluate with MLP widths AND head counts overridden: what `plan`/`verify` should use after
+    head padding (the checkpoint's attention quantities are replaced by the hypothetical ones)."""
+    base = [v for v in evaluate(ckpt, engine, t, widths) if v.quantity not in HEAD_QUANTITIES]
+    return base + attention_violations(ckpt, engine, t, heads, kv_heads)
+
+
+def head_violations(ckpt: Checkpoint, tps, engines) -> list[Violation]:
+    """Every attention-rule error of the unpadded checkpoint at the requested TPs."""
+    return [v for e in engine_names(engines) for t in tps for v in attention_violations(ckpt, e, t) if v.severity == "error"]
+
+
+def attention_ok(ckpt: Checkpoint, tps, engines, heads: int, kv_heads: int) -> bool:
+    """True if (heads, kv_heads) passes every attention rule of every engine at every TP (what head padding
+    may choose, and what verify asks of a padded output)."""
+    tps = tuple(tps)
+    return not any(v.severity == "error" for e in engine_names(engines) for t in tps
+                   for v in attention_violations(ckpt, e, t, heads, kv_heads))

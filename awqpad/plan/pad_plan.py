@@ -19,8 +19,9 @@ from awqpad.checkpoint.config import check_supported_quant
 from awqpad.engines.profiles import ENGINE_NOTES, ENGINES, engines_for
 from awqpad.errors import UnsupportedError
 from awqpad.checkpoint.formats.base import Fill, LogicalInsert, TensorOp, make_op
-from awqpad.plan.heads import HeadBlocker, HeadPlan, evaluate_with_heads, plan_heads
-from awqpad.engines.evaluate import KIND_LABEL, MLP_KINDS, Violation, applies, constraint, evaluate, mlp_subject
+from awqpad.plan.heads import HeadBlocker, HeadPlan, plan_heads
+from awqpad.engines.evaluate import (HEAD_RULES, KIND_LABEL, MLP_KINDS, Violation, applies, constraint, evaluate,
+                                     evaluate_with_heads, mlp_subject)
 
 SCHEMA_VERSION = 1
 MOE_COST_WARNING = 0.10
@@ -177,9 +178,6 @@ def _op_bytes(op: TensorOp) -> int:
     from awqpad.checkpoint.header import tensor_nbytes
 
     return tensor_nbytes(op.dtype, op.new_shape) - tensor_nbytes(op.dtype, op.old_shape)
-
-
-HEAD_RULES = ("heads", "kv_heads", "attn-o-groups", "attn-qkv-marlin-n")
 
 
 def _head_padding(ckpt: Checkpoint, tps, engines) -> HeadPlan | HeadBlocker | str:
