@@ -434,9 +434,9 @@ def test_bad_input_exits_2(padded, tmp_path, args, needle):
 def test_sampled_simulation_still_catches_a_shifted_column(broken, monkeypatch):
     """Blocks over SIM_BUDGET weights simulate rank edges and the padded tail only; a damaged last
     original word sits right before the tail and is still caught."""
-    import awqpad.verify.checks
+    import awqpad.verify.function
 
-    monkeypatch.setattr(awqpad.verify.checks, "SIM_BUDGET", 1)
+    monkeypatch.setattr(awqpad.verify.function, "SIM_BUDGET", 1)
     src, out = broken("awq")
     code, report, _ = verify_json(src, out, "--tp", TP)
     assert code == 0

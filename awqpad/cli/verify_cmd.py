@@ -16,7 +16,7 @@ from awqpad.cli.output import Output
 from awqpad.engines.profiles import DEFAULT_ENGINE, ENGINE_CHOICES
 from awqpad.errors import InputError, VerifyFailed
 from awqpad.source import resolve_source
-from awqpad.verify.checks import PROVENANCE, VerifyReport, verify_output
+from awqpad.verify import PROVENANCE, VerifyReport, verify_output
 
 HELP = """Check a padded repo written by `awqpad pad`: alone (OUT), or against its source (SRC OUT).
 
