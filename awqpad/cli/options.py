@@ -18,3 +18,6 @@ DEFAULT_ENGINE_NAME = DEFAULT_ENGINE
 OptionalStr = Optional[str]
 PadHeadsOpt = Annotated[bool, typer.Option("--pad-heads", help="Also pad attention heads (zero heads inside each KV group, "
                         "or whole new KV groups) when the head count blocks the TP size.")]
+ExpertParallelOpt = Annotated[bool, typer.Option("--expert-parallel", help="The engine will run MoE experts with expert "
+                              "parallelism (vLLM --enable-expert-parallel, SGLang --ep-size): experts are not split, so "
+                              "their widths are checked whole.")]

@@ -10,7 +10,8 @@ from rich.console import Console
 
 from awqpad.checkpoint.model import read_checkpoint
 from awqpad.cli.inspect_cmd import human_bytes
-from awqpad.cli.options import EngineOpt, JsonOpt, PadHeadsOpt, QuietOpt, SkipExpertsOpt, SrcArg, TpOpt
+from awqpad.cli.options import (EngineOpt, ExpertParallelOpt, JsonOpt, PadHeadsOpt, QuietOpt, SkipExpertsOpt, SrcArg,
+                                TpOpt)
 from awqpad.cli.output import Output
 from awqpad.cli.plan_cmd import serve_command
 from awqpad.engines.profiles import DEFAULT_ENGINE, check_engine
@@ -41,6 +42,7 @@ def pad(
     engine: EngineOpt = DEFAULT_ENGINE,
     skip_experts: SkipExpertsOpt = False,
     pad_heads: PadHeadsOpt = False,
+    expert_parallel: ExpertParallelOpt = False,
     force: ForceOpt = False,
     push_repo: PushOpt = None,
     public: PublicOpt = False,
@@ -54,7 +56,7 @@ def pad(
         raise InputError(f"--push-to-hub {push_repo!r}: expected ORG/NAME")
     out = Output(json_out, quiet)
     ckpt = read_checkpoint(resolve_source(src, progress=out.interactive))
-    plan = make_plan(ckpt, tuple(tp), engine, skip_experts, pad_heads)
+    plan = make_plan(ckpt, tuple(tp), engine, skip_experts, pad_heads, expert_parallel)
     summary = {"source": ckpt.source.source_id, "revision": ckpt.source.revision, "out": None, "tp": list(plan.tp),
                "engine": engine, "plan": plan_summary(plan)}
     if plan.blocked:
@@ -93,6 +95,6 @@ def pad(
         if summary.get("pushed"):
             console.print(f"pushed -> {summary['pushed']}")
         console.print(f"next: awqpad verify {src} {result.out}")
-        console.print(f"      {serve_command(engine, result.out, max(plan.tp))}")
+        console.print(f"      {serve_command(engine, result.out, max(plan.tp), plan.expert_parallel)}")
 
     out.result(summary, render)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -11,11 +11,14 @@ from rich.table import Table
 
 from awqpad.checkpoint.model import read_checkpoint
 from awqpad.cli.inspect_cmd import human_bytes
-from awqpad.cli.options import EngineOpt, JsonOpt, PadHeadsOpt, QuietOpt, SkipExpertsOpt, SrcArg, TpOpt
+from awqpad.cli.deploy_view import deploy_summary, render_deploy
+from awqpad.cli.options import (EngineOpt, ExpertParallelOpt, JsonOpt, PadHeadsOpt, QuietOpt, SkipExpertsOpt, SrcArg,
+                                TpOpt)
 from awqpad.cli.output import Output
 from awqpad.engines.launch import launch_command
 from awqpad.engines.profiles import DEFAULT_ENGINE, ENGINES, check_engine
-from awqpad.errors import BlockedError
+from awqpad.errors import BlockedError, InputError
+from awqpad.plan.deploy import KV_DTYPE_BYTES, parse_memory, plan_deployment
 from awqpad.plan.pad_plan import PadPlan, make_plan, plan_summary
 from awqpad.source import resolve_source
 
@@ -28,19 +31,20 @@ Exit codes: 0 the TP sizes work after padding (or already work), 3 blocked by so
 TensorsOpt = Annotated[bool, typer.Option("--tensors", help="List every tensor that changes, old shape -> new shape.")]
 
 
-def serve_command(engine: str, path: str, tp: int) -> str:
-    return launch_command(engine if engine in ENGINES else DEFAULT_ENGINE, path, tp)
+def serve_command(engine: str, path: str, tp: int, expert_parallel: bool = False) -> str:
+    return launch_command(engine if engine in ENGINES else DEFAULT_ENGINE, path, tp, ep=expert_parallel)
 
 
 def next_commands(plan: PadPlan, src: str) -> dict:
     tps = " ".join(f"--tp {t}" for t in plan.tp)
     engine = ("" if plan.engine == DEFAULT_ENGINE else f" --engine {plan.engine}") + (" --pad-heads" if plan.pad_heads else "")
+    engine += " --expert-parallel" if plan.expert_parallel else ""
     local = Path(src)
     name = f"{local.name}-tp{max(plan.tp)}"
     out_dir = str(local.parent / name) if local.exists() else name
     return {
         "pad": f"awqpad pad {src} {out_dir} {tps}{engine}" if plan.needs_padding else None,
-        "serve": serve_command(plan.engine, out_dir if plan.needs_padding else src, max(plan.tp)),
+        "serve": serve_command(plan.engine, out_dir if plan.needs_padding else src, max(plan.tp), plan.expert_parallel),
     }
 
 
@@ -96,20 +100,56 @@ def render(plan: PadPlan, summary: dict, console: Console) -> None:
         console.print(f"  {nxt['serve']}")
 
 
+GpusOpt = Annotated[Optional[int], typer.Option("--gpus", min=1, metavar="N", show_default=False,
+                   help="Plan a deployment on N GPUs: every TP / TP x PP / TP + EP layout, ranked.")]
+GpuMemoryOpt = Annotated[Optional[str], typer.Option("--gpu-memory", metavar="SIZE", show_default=False,
+                         help="With --gpus: memory of one GPU (80GB, 80GiB): adds KV-cache room and context per layout.")]
+NodesOpt = Annotated[int, typer.Option("--nodes", min=1, metavar="M", help="With --gpus: the GPUs are spread over M nodes.")]
+MaxLenOpt = Annotated[Optional[int], typer.Option("--max-model-len", min=1, metavar="TOKENS", show_default=False,
+                      help="With --gpu-memory: one sequence must fit (default: max_position_embeddings).")]
+KvDtypeOpt = Annotated[str, typer.Option("--kv-cache-dtype", metavar="DTYPE", help="With --gpu-memory: auto (model dtype) or fp8.")]
+
+
 def plan(
     src: SrcArg,
-    tp: TpOpt,
+    tp: Annotated[Optional[list[int]], TpOpt.__metadata__[0]] = None,
     engine: EngineOpt = DEFAULT_ENGINE,
     skip_experts: SkipExpertsOpt = False,
     pad_heads: PadHeadsOpt = False,
+    expert_parallel: ExpertParallelOpt = False,
+    gpus: GpusOpt = None,
+    gpu_memory: GpuMemoryOpt = None,
+    nodes: NodesOpt = 1,
+    max_model_len: MaxLenOpt = None,
+    kv_cache_dtype: KvDtypeOpt = "auto",
     tensors: TensorsOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     check_engine(engine)
+    if not tp and gpus is None:
+        raise InputError("give --tp N (which padding a TP size needs) or --gpus N (which layout to run on N GPUs)")
+    if gpus is not None and (tp or pad_heads or skip_experts or expert_parallel):
+        raise InputError("--gpus plans every layout itself; drop --tp / --pad-heads / --skip-experts / --expert-parallel")
+    if gpus is None and (gpu_memory or nodes != 1 or max_model_len):
+        raise InputError("--gpu-memory, --nodes and --max-model-len go with --gpus N")
+    if gpus is not None and gpus % nodes:
+        raise InputError(f"--gpus {gpus} does not split evenly over --nodes {nodes}")
+    if kv_cache_dtype not in KV_DTYPE_BYTES:
+        raise InputError(f"--kv-cache-dtype {kv_cache_dtype!r}: expected one of {', '.join(KV_DTYPE_BYTES)}")
+    try:
+        memory = parse_memory(gpu_memory) if gpu_memory else None
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
     out = Output(json_out, quiet)
     source = resolve_source(src, headers_only=True, progress=out.interactive)
-    result = make_plan(read_checkpoint(source), tuple(tp), engine, skip_experts, pad_heads)
+    ckpt = read_checkpoint(source)
+    if gpus is not None:
+        deployment = plan_deployment(ckpt, gpus, engine=engine, nodes=nodes, src=src, gpu_memory=memory,
+                                     max_model_len=max_model_len, kv_cache_dtype=kv_cache_dtype)
+        out.result(deploy_summary(deployment), lambda console: render_deploy(deployment, console))
+        return
+    result = make_plan(ckpt, tuple(tp), engine, skip_experts, pad_heads, expert_parallel)
     summary = plan_summary(result, tensors)
     if source.is_hub:
         out.info(f"fetched {human_bytes(source.fetched_bytes)} from the Hub (config, index, safetensors headers; no weights)")

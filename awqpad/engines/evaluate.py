@@ -88,15 +88,17 @@ def applies(rule: Rule, subject: Subject) -> bool:
     return rule.quantized is None or rule.quantized == subject.quantized
 
 
-def evaluate(ckpt: Checkpoint, engine: str, t: int, widths: dict[str, int] | None = None) -> list[Violation]:
-    """Every rule of `engine` that fails at TP t (with MLP widths overridden by `widths`)."""
+def evaluate(ckpt: Checkpoint, engine: str, t: int, widths: dict[str, int] | None = None,
+             expert_parallel: bool = False) -> list[Violation]:
+    """Every rule of `engine` that fails at TP t (with MLP widths overridden by `widths`). Under expert
+    parallelism the experts are spread whole over the ranks, so expert rules hold at TP 1."""
     dims = ckpt.dims
     widths = widths or {}
     out: list[Violation] = []
     alternatives: dict[str, list[Violation | None]] = {}
 
-    def fail(rule, value, m, paddable, explanation):
-        text = rule.message.format(value=value, t=t, m=m)
+    def fail(rule, value, m, paddable, explanation, split=None):
+        text = rule.message.format(value=value, t=t if split is None else split, m=m)
         return Violation(engine, t, rule.id, rule.quantity, value, m, rule.severity, paddable, text, explanation, rule.source)
 
     for rule in ENGINES[engine]:
@@ -138,15 +140,16 @@ def evaluate(ckpt: Checkpoint, engine: str, t: int, widths: dict[str, int] | Non
         else:
             kind, part = q.split(".")
             subject = mlp_subject(ckpt, kind, part)
+            split = 1 if kind == "expert" and expert_parallel else t  # the TP this MLP is split over
             if subject is not None and applies(rule, subject):
                 width = widths.get(kind, ckpt.dims.widths[kind][-1])
-                c, big_m = constraint(rule, t, subject)
+                c, big_m = constraint(rule, split, subject)
                 if (c * width) % big_m:
-                    m = multiple_of(rule, t, subject.group, subject.bits)
-                    value = {"W": width, "K_r": width / t, "N_r": 2 * width / t}[part]
+                    m = multiple_of(rule, split, subject.group, subject.bits)
+                    value = {"W": width, "K_r": width / split, "N_r": 2 * width / split}[part]
                     label = {"W": "width", "K_r": "down_proj input per rank", "N_r": "gate_up output per rank"}[part]
                     result = fail(rule, _num(value), m, True,
-                                  f"{KIND_LABEL[kind]} {label} {_num(value)} is not a multiple of {m}")
+                                  f"{KIND_LABEL[kind]} {label} {_num(value)} is not a multiple of {m}", split)
         if rule.any_of:
             alternatives.setdefault(rule.any_of, []).append(result)
         elif result is not None:
@@ -213,10 +216,11 @@ def attention_violations(ckpt: Checkpoint, engine: str, t: int, heads: int | Non
 
 
 def evaluate_with_heads(ckpt: Checkpoint, engine: str, t: int, widths: dict[str, int] | None = None,
-                        heads: int | None = None, kv_heads: int | None = None) -> list[Violation]:
+                        heads: int | None = None, kv_heads: int | None = None,
+                        expert_parallel: bool = False) -> list[Violation]:
     """evaluate with MLP widths AND head counts overridden: what `plan`/`verify` should use after
     head padding (the checkpoint's attention quantities are replaced by the hypothetical ones)."""
-    base = [v for v in evaluate(ckpt, engine, t, widths) if v.quantity not in HEAD_QUANTITIES]
+    base = [v for v in evaluate(ckpt, engine, t, widths, expert_parallel) if v.quantity not in HEAD_QUANTITIES]
     return base + attention_violations(ckpt, engine, t, heads, kv_heads)
 
 

@@ -317,6 +317,7 @@ def provenance(ckpt: Checkpoint, plan: PadPlan, out_dir: Path | None = None) -> 
         "tp": list(plan.tp),
         "engine": plan.engine,
         "skip_experts": plan.skip_experts,
+        "expert_parallel": plan.expert_parallel,
         "pad_heads": plan.pad_heads,
         "plan": plan_summary(plan),
         "ops": to_data(plan.ops),

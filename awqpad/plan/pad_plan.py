@@ -78,6 +78,7 @@ class PadPlan:
     total_bytes: int
     pad_heads: bool = False
     heads: "HeadPlan | None" = None  # attention-head padding (--pad-heads), when it changes anything
+    expert_parallel: bool = False  # experts spread whole over the ranks (not TP-split)
 
     @property
     def needs_padding(self) -> bool:
@@ -189,10 +190,13 @@ def _head_padding(ckpt: Checkpoint, tps, engines) -> HeadPlan | HeadBlocker | st
 
 
 def make_plan(ckpt: Checkpoint, tps: tuple[int, ...], engine: str = "vllm", skip_experts: bool = False,
-              pad_heads: bool = False) -> PadPlan:
+              pad_heads: bool = False, expert_parallel: bool = False) -> PadPlan:
+    """`expert_parallel`: the engine spreads whole experts over the ranks (vLLM --enable-expert-parallel,
+    SGLang --ep-size), so expert widths are checked unsplit (TP 1) and padded only if that fails."""
     tps = tuple(sorted(set(tps)))
     engines = engines_for(engine)
-    before = [v for e in engines for t in tps for v in evaluate(ckpt, e, t)]
+    ep = expert_parallel
+    before = [v for e in engines for t in tps for v in evaluate(ckpt, e, t, expert_parallel=ep)]
     blockers: list[Blocker] = []
     warnings: list[str] = []
     notes = [ENGINE_NOTES[e] for e in engines if e in ENGINE_NOTES]
@@ -216,7 +220,7 @@ def make_plan(ckpt: Checkpoint, tps: tuple[int, ...], engine: str = "vllm", skip
             continue
         if kind == "expert" and skip_experts:
             continue
-        fixed, groups = _constraints(ckpt, kind, engines, tps)
+        fixed, groups = _constraints(ckpt, kind, engines, (1,) if kind == "expert" and ep else tps)
         if tied and kind == "expert":
             s_fixed, s_groups = _constraints(ckpt, "shared", engines, tps)
             fixed += [(c * tie, m, rid) for c, m, rid in s_fixed]
@@ -255,9 +259,9 @@ def make_plan(ckpt: Checkpoint, tps: tuple[int, ...], engine: str = "vllm", skip
         ops += head_plan.ops
         notes += list(head_plan.notes) + [f"head_dim support: {line}" for line in head_plan.caveats]
         after = [v for e in engines for t in tps
-                 for v in evaluate_with_heads(ckpt, e, t, widths, head_plan.new_heads, head_plan.new_kv_heads)]
+                 for v in evaluate_with_heads(ckpt, e, t, widths, head_plan.new_heads, head_plan.new_kv_heads, ep)]
     else:
-        after = [v for e in engines for t in tps for v in evaluate(ckpt, e, t, widths)]
+        after = [v for e in engines for t in tps for v in evaluate(ckpt, e, t, widths, expert_parallel=ep)]
     if unsupported and (widths or any(v.paddable for v in before)):
         blockers.append(Blocker(engine, max(tps), "unsupported-layout", unsupported, unsupported, ()))
         ops, dims = [], [dataclasses.replace(d, padded=d.original, added_bytes=0) for d in dims]
@@ -314,6 +318,7 @@ def make_plan(ckpt: Checkpoint, tps: tuple[int, ...], engine: str = "vllm", skip
         ckpt.total_bytes,
         pad_heads,
         head_plan,
+        expert_parallel,
     )
 
 
@@ -374,6 +379,7 @@ def plan_summary(plan: PadPlan, with_tensors: bool = False) -> dict:
         "warnings": list(plan.warnings),
         "notes": list(plan.notes),
         "pad_heads": plan.pad_heads,
+        "expert_parallel": plan.expert_parallel,
         "heads": None if hp is None else {
             "strategy": hp.strategy, "original": hp.heads, "padded": hp.new_heads, "kv_original": hp.kv_heads,
             "kv_padded": hp.new_kv_heads, "head_dim": hp.head_dim, "zero_heads": list(hp.zero_heads),

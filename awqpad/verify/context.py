@@ -93,10 +93,15 @@ class VerifyContext:
     # The one thing a check hands on: padded tensors whose inserted bytes are not the recorded fill
     # (written by pad-fill, read by zeros, which then dequantizes those linears on their own).
     fill_failed: set[str] = field(default_factory=set)
+    expert_parallel: bool = False  # awqpad.json: experts run whole on each rank (not TP-split)
 
     @property
     def ops(self) -> tuple[TensorOp, ...] | None:
         return self.provenance.ops
+
+    def split(self, block: MLPBlock, t: int) -> int:
+        """How many ranks share this block's width at TP t: experts under expert parallelism are not split."""
+        return 1 if self.expert_parallel and block.kind == "expert" else t
 
 
 def map_array(root: Path, info) -> np.ndarray:

@@ -86,12 +86,13 @@ def check_function(ctx: VerifyContext) -> list[Check]:
             s_data = _load(src.source.root, s_block)
             o_data = _load(ctx.root, block)
             for t in ctx.tps:
-                _before_block(before[t], s_data, x, t, reader, act, ctx.seed)
+                _before_block(before[t], s_data, x, ctx.split(s_block, t), reader, act, ctx.seed)
             refs: dict = {}
             for t in ctx.tps:
                 channels = None
-                if 3 * block.width * hidden(block) > SIM_BUDGET and not simulate.shard_problems(block, t):
-                    channels = simulate.sample_channels(block, t, s_block.width, seed=ctx.seed + n)
+                ranks = ctx.split(block, t)
+                if 3 * block.width * hidden(block) > SIM_BUDGET and not simulate.shard_problems(block, ranks):
+                    channels = simulate.sample_channels(block, ranks, s_block.width, seed=ctx.seed + n)
                     sampled.append(sum(b - a for a, b in channels) / block.width)
                 key = tuple(channels or ())
                 if key not in refs:
@@ -100,7 +101,7 @@ def check_function(ctx: VerifyContext) -> list[Check]:
                     outputs += int(np.size(refs[key]))
                 ref = refs[key]
                 try:
-                    y = simulate.mlp_sharded(o_data, x, t, reader, act, notes, channels=channels)
+                    y = simulate.mlp_sharded(o_data, x, ranks, reader, act, notes, channels=channels)
                 except simulate.ShardError as exc:
                     per_t[t]["problems"].append(f"{block.label}: {exc.message}")
                     continue
@@ -164,11 +165,11 @@ def _before_block(acc: dict, s_data: simulate.MLPData, x, t: int, reader: str, a
 
 def _before_check(ctx: VerifyContext, t: int, acc: dict) -> Check:
     src = ctx.src
-    violations = [v for e in ctx.engines for v in evaluate(src, e, t)]
+    violations = [v for e in ctx.engines for v in evaluate(src, e, t, expert_parallel=ctx.expert_parallel)]
     errors = [v for v in violations if v.severity == "error"]
     # Shapes alone say which rank of which block cannot be formed: check every SRC block, not just
     # the simulated ones (so --layers none still tells the story).
-    static = [(b, ps) for b in src.mlps for ps in [simulate.shard_problems(b, t)] if ps]
+    static = [(b, ps) for b in src.mlps for ps in [simulate.shard_problems(b, ctx.split(b, t))] if ps]
     found = static or acc["problems"]
     figures = {"tp": t, "informational": True, "blocks": len(src.mlps), "simulated_blocks": acc["blocks"],
                "blocks_with_problems": len(found),

@@ -118,7 +118,8 @@ def verify_output(out_source: Source, tps, engine: str = "vllm", src_source: Sou
     if out is not None and src is not None:
         blocks = tuple(function.select_blocks(out, layer_spec, seed))  # bad --layers: InputError before any work
     ctx = VerifyContext(root, out, out_error, src, structure.resolve_provenance(record, record_error, src, out),
-                        tps, engines_for(engine), layer_spec, seed, blocks, progress or null_progress)
+                        tps, engines_for(engine), layer_spec, seed, blocks, progress or null_progress,
+                        expert_parallel=bool(record and record.get("expert_parallel") is True))
     checks = [c for entry in CHECKS if all(getattr(ctx, need) is not None for need in entry.needs)
               for c in entry.check(ctx)]
     return VerifyReport(tuple(checks), all(c.ok for c in checks), str(root),

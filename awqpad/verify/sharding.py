@@ -18,7 +18,7 @@ def _engine_rules(ctx: VerifyContext, engine: str, t: int) -> Check:
     found = {}
     variants = [None] + [{kind: w} for kind, ws in out.dims.widths.items() if len(ws) > 1 for w in ws]
     for widths in variants:
-        for v in evaluate(out, engine, t, widths):
+        for v in evaluate(out, engine, t, widths, ctx.expert_parallel):
             found.setdefault((v.rule, str(v.value)), v)
     errors = [v for v in found.values() if v.severity == "error"]
     slower = [v for v in found.values() if v.severity != "error"]
@@ -32,7 +32,7 @@ def check_shards(ctx: VerifyContext, t: int) -> list[Check]:
     """Every rank's shard of every MLP linear is whole packed words and whole groups at TP t."""
     problems = []
     for block in ctx.out.mlps:
-        problems += [f"{block.label}: {p.message}" for p in simulate.shard_problems(block, t)]
+        problems += [f"{block.label}: {p.message}" for p in simulate.shard_problems(block, ctx.split(block, t))]
     linears = sum(len(b.linears) for b in ctx.out.mlps)
     return [make_check(f"shards TP={t}", problems,
                        f"all {t} ranks get whole words and whole groups of all {linears} MLP linears",

@@ -72,7 +72,7 @@ def expected_ops(src: Checkpoint, out: Checkpoint, record: dict | None) -> tuple
     if (record is not None and record.get("awqpad_version") == __version__ and record.get("engine") in ENGINE_CHOICES
             and isinstance(record.get("tp"), list) and record["tp"] and all(isinstance(t, int) and t > 0 for t in record["tp"])):
         plan = make_plan(src, tuple(record["tp"]), record["engine"], bool(record.get("skip_experts")),
-                         bool(record.get("pad_heads")))
+                         bool(record.get("pad_heads")), record.get("expert_parallel") is True)
         return plan.ops, True
     return derive_ops(src, out), False
 
