@@ -5,6 +5,7 @@ Only reads JSON: no transformers AutoConfig (no network, no remote code).
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 from dataclasses import dataclass
@@ -83,6 +84,12 @@ def read_model_config(root: Path) -> ModelConfig:
 
 def read_quant_config(root: Path, model: ModelConfig) -> QuantConfig:
     q = model.raw.get("quantization_config") or model.text.get("quantization_config")
+    if q is None and (root / "hf_quant_config.json").is_file():
+        # NVIDIA ModelOpt exports keep it here ({"producer": ..., "quantization": {"quant_algo": ...}});
+        # vLLM detects ModelOpt checkpoints by this file (docs/features/quantization/modelopt.md).
+        q = _read_json(root / "hf_quant_config.json", "hf_quant_config.json")
+        if isinstance(q, dict):
+            q = dict(q, quant_method="modelopt")
     if q is None:
         # Older AutoGPTQ / AutoAWQ repos keep it in a side file.
         for side in ("quantize_config.json", "quant_config.json"):
@@ -130,9 +137,31 @@ def read_quant_config(root: Path, model: ModelConfig) -> QuantConfig:
             ct_groups=tuple(dict(g, _name=name) for name, g in groups.items()),
             raw=q,
         )
+    if method in ("modelopt", "modelopt_fp4"):
+        return modelopt_quant_config(q, root)
     if method:
         return QuantConfig(method, raw=q)
     raise InputError(f"{root / 'config.json'}: quantization_config has no quant_method")
+
+
+def modelopt_quant_config(q: dict, root: Path) -> QuantConfig:
+    """ModelOpt: `quant_algo` / `group_size` / `exclude_modules` at the top (config.json) or under
+    `quantization` (hf_quant_config.json), as vLLM's ModelOptNvFp4Config.from_config reads both."""
+    body = q.get("quantization") if isinstance(q.get("quantization"), dict) else q
+    algo = str(body.get("quant_algo") or "").upper()
+    if not algo:
+        raise InputError(f"{root}: ModelOpt quantization config has no quant_algo")
+    excluded = body.get("exclude_modules") or body.get("ignore") or ()
+    if not isinstance(excluded, (list, tuple)) or not all(isinstance(m, str) for m in excluded):
+        raise InputError(f"{root}: ModelOpt exclude_modules must be a list of module names")
+    return QuantConfig(
+        "modelopt",
+        bits=4 if algo == "NVFP4" else None,
+        group_size=int(body.get("group_size") or 16) if algo == "NVFP4" else None,
+        checkpoint_format=algo.lower(),
+        not_converted=tuple(excluded),
+        raw=q,
+    )
 
 
 # --- per-module resolution -------------------------------------------------------------------
@@ -177,6 +206,13 @@ def module_quant(q: QuantConfig, module: str) -> ModuleQuant | None:
                 desc = bool(override.get("desc_act", desc))
                 break
         return ModuleQuant(bits, group, sym, desc)
+    if q.method == "modelopt":
+        # exclude_modules are fnmatch patterns ("lm_head", "model.layers.*.mlp.gate"), as vLLM's
+        # ModelOptQuantConfigBase.is_layer_excluded matches them.
+        if any(fnmatch.fnmatchcase(module, pat) or fnmatch.fnmatchcase(module, pat + ".*") or module.endswith("." + pat)
+               for pat in q.not_converted):
+            return None
+        return ModuleQuant(q.bits or 4, q.group_size or 16, True)
     if q.method == "compressed-tensors":
         if any(_ct_target_matches(t, module) for t in q.not_converted):
             return None
@@ -217,6 +253,15 @@ def check_supported_quant(q: QuantConfig, where: Path) -> None:
                 f"{where}: GPTQ {sorted(bits - {4, 8})}-bit is not supported; only 4- and 8-bit "
                 "(2/3-bit words straddle value boundaries and no engine shards them at TP>1)"
             )
+    elif q.method == "modelopt":
+        if q.checkpoint_format != "nvfp4":
+            raise UnsupportedError(
+                f"{where}: ModelOpt quant_algo {q.checkpoint_format.upper()!r} is not supported; awqpad pads ModelOpt NVFP4 only"
+            )
+        if q.group_size != 16:
+            raise UnsupportedError(f"{where}: ModelOpt NVFP4 with group_size {q.group_size} is not supported; NVFP4 is group 16")
+    elif q.method == "compressed-tensors" and q.checkpoint_format == "nvfp4-pack-quantized":
+        check_ct_nvfp4(q, where)
     elif q.method == "compressed-tensors":
         if q.checkpoint_format not in ("pack-quantized", ""):
             raise UnsupportedError(
@@ -240,3 +285,21 @@ def check_supported_quant(q: QuantConfig, where: Path) -> None:
             f"{where}: quantization method {label!r} is not supported yet; awqpad pads AWQ-GEMM, GPTQ, "
             "compressed-tensors pack-quantized and unquantized checkpoints"
         )
+
+
+def check_ct_nvfp4(q: QuantConfig, where: Path) -> None:
+    """compressed-tensors nvfp4-pack-quantized: every group FP4 (float, 4 bits), group 16, symmetric.
+
+    Activation quantization (NVFP4 W4A4) is fine to pad: padded down_proj inputs are exactly 0, and
+    the FP4 activation quantizer gives an all-zero group a zero output scale instead of dividing by
+    it (vLLM csrc/quantization/fp4/nvfp4_quant_kernels.cu cvt_warp_fp16_to_fp4:
+    `outputScale = SFValue != 0 ? reciprocal(...) : 0.0f`).
+    """
+    for group in q.ct_groups:
+        w = group.get("weights") or {}
+        kind, bits, size = w.get("type"), w.get("num_bits"), w.get("group_size")
+        if kind != "float" or bits != 4 or size != 16 or not w.get("symmetric", True):
+            raise UnsupportedError(
+                f"{where}: compressed-tensors group {group['_name']!r} ({kind}, {bits} bits, group {size}) in an "
+                "nvfp4-pack-quantized checkpoint is not supported; only symmetric FP4 in groups of 16"
+            )

@@ -14,7 +14,8 @@ from pathlib import Path
 from awqpad.checkpoint import formats
 from awqpad.checkpoint.architecture import ROLES, VISION_PREFIXES, Family, compile_patterns, find_family
 from awqpad.checkpoint.config import ModelConfig, QuantConfig, module_quant, read_model_config, read_quant_config
-from awqpad.errors import InputError
+from awqpad.checkpoint.foreign import Foreign, recognise
+from awqpad.errors import AwqpadError, InputError
 from awqpad.checkpoint.header import ShardHeader, TensorInfo, read_header
 from awqpad.source import Source
 
@@ -104,6 +105,7 @@ class Checkpoint:
     vision_tensors: int
     index_file: str | None
     other_files: tuple[str, ...]
+    foreign: Foreign | None = None  # a quantization awqpad recognises but does not pad (checkpoint/foreign.py)
 
     @property
     def total_bytes(self) -> int:
@@ -260,6 +262,9 @@ def read_checkpoint(source: Source) -> Checkpoint:
         prefix, part = _split(name)
         modules[prefix][part] = info
 
+    foreign = recognise(quant, tensors)
+    if foreign is not None:
+        findings.append(Finding("warning", foreign.summary))
     compiled = compile_patterns(family)
     linears: list[Linear] = []
     act_scales: dict[str, TensorInfo] = {}
@@ -274,7 +279,12 @@ def read_checkpoint(source: Source) -> Checkpoint:
         for regex, pattern in compiled:
             match = regex.search(prefix)
             if match:
-                linears.append(_describe_linear(prefix, pattern, match, parts, quant))
+                try:
+                    linears.append(_describe_linear(prefix, pattern, match, parts, quant))
+                except AwqpadError:
+                    if foreign is None:
+                        raise
+                    # a foreign-quantized linear: reported once through `foreign`, not described
                 break
 
     mlps = _group_mlps(linears, act_scales)
@@ -284,7 +294,9 @@ def read_checkpoint(source: Source) -> Checkpoint:
     fmt = max(set(decoder_formats), key=decoder_formats.count) if decoder_formats else "none"
     if quant.method == "awq":
         fmt = "awq-gemm" if quant.version == "gemm" else f"awq-{quant.version}"
-    elif quant.is_quantized and quant.method not in ("gptq", "compressed-tensors"):
+    elif foreign is not None:
+        fmt = foreign.method
+    elif quant.is_quantized and quant.method not in ("gptq", "compressed-tensors", "modelopt"):
         fmt = quant.method
     if not linears:
         findings.append(Finding("warning", "no decoder linear layers recognised from tensor names"))
@@ -297,7 +309,7 @@ def read_checkpoint(source: Source) -> Checkpoint:
     )
     return Checkpoint(
         source, config, quant, family, known, headers, tensors, tuple(linears), tuple(mlps), dims,
-        tuple(findings), fmt, vision, index_name, other,
+        tuple(findings), fmt, vision, index_name, other, foreign,
     )
 
 

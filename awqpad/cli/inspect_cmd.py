@@ -16,7 +16,7 @@ from awqpad.source import resolve_source
 
 HELP = "Describe a checkpoint: format, quant config, dims, and which TP sizes load today (reads headers only).\n\nExample: awqpad inspect ./Qwen2-72B-Instruct-AWQ"
 
-STATUS_STYLE = {"loadable": "green", "needs padding": "yellow", "blocked": "red"}
+STATUS_STYLE = {"loadable": "green", "needs padding": "yellow", "blocked": "red", "not padded": "magenta"}
 
 
 def human_bytes(n: float) -> str:

@@ -15,6 +15,7 @@ from awqpad.cli.options import (EngineOpt, ExpertParallelOpt, JsonOpt, PadHeadsO
 from awqpad.cli.output import Output
 from awqpad.cli.plan_cmd import serve_command
 from awqpad.engines.profiles import DEFAULT_ENGINE, check_engine
+from awqpad.checkpoint.foreign import refuse
 from awqpad.errors import BlockedError, InputError
 from awqpad.source.push import push_to_hub
 from awqpad.execute.output_repo import PROVENANCE, pad_to_directory
@@ -56,6 +57,8 @@ def pad(
         raise InputError(f"--push-to-hub {push_repo!r}: expected ORG/NAME")
     out = Output(json_out, quiet)
     ckpt = read_checkpoint(resolve_source(src, progress=out.interactive))
+    if ckpt.foreign is not None:
+        refuse(ckpt.foreign)  # MXFP4 too: the engines already split it at any TP, there is nothing to pad
     plan = make_plan(ckpt, tuple(tp), engine, skip_experts, pad_heads, expert_parallel)
     summary = {"source": ckpt.source.source_id, "revision": ckpt.source.revision, "out": None, "tp": list(plan.tp),
                "engine": engine, "plan": plan_summary(plan)}

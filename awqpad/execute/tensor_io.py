@@ -20,6 +20,7 @@ ARRAY_DTYPES = {
     "F16": np.float16, "F32": np.float32, "F64": np.float64, "BF16": np.uint16,  # BF16 stays raw bits
     "I8": np.int8, "U8": np.uint8, "I16": np.int16, "U16": np.uint16, "I32": np.int32, "U32": np.uint32,
     "I64": np.int64, "U64": np.uint64, "BOOL": np.bool_,
+    "F8_E4M3": np.uint8, "F8_E5M2": np.uint8, "F8_E8M0": np.uint8,  # float8 stays raw bytes
 }
 
 

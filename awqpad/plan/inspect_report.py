@@ -13,7 +13,7 @@ INSPECT_TPS = (1, 2, 4, 8, 16)
 @dataclass(frozen=True)
 class TpStatus:
     tp: int
-    status: str  # loadable | needs padding | blocked
+    status: str  # loadable | needs padding | blocked | not padded (a quantization awqpad does not pad)
     detail: str
 
 
@@ -56,6 +56,8 @@ def _quant_summary(ckpt: Checkpoint) -> dict:
                    config_groups={g["_name"]: {"targets": g.get("targets"), "weights": g.get("weights")} for g in q.ct_groups})
     else:
         out["config"] = q.raw
+    if ckpt.foreign is not None:
+        out.update(recognised=ckpt.foreign.label, already_quantized=True, tp_behaviour=ckpt.foreign.tp)
     return out
 
 
@@ -75,6 +77,8 @@ def _dims_summary(ckpt: Checkpoint) -> dict:
 
 def tp_table(ckpt: Checkpoint, engine: str = "vllm", tps=INSPECT_TPS) -> tuple[TpStatus, ...]:
     rows = []
+    if ckpt.foreign is not None and not ckpt.foreign.engine_pads:
+        return tuple(TpStatus(t, "not padded", f"awqpad does not pad {ckpt.foreign.label}") for t in tps)
     for t in tps:
         plan = make_plan(ckpt, (t,), engine)
         if plan.blocked:

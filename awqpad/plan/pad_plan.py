@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from awqpad.checkpoint import formats
 from awqpad.checkpoint.model import Checkpoint, MLPBlock
 from awqpad.checkpoint.config import check_supported_quant
+from awqpad.checkpoint.foreign import refuse
 from awqpad.engines.profiles import ENGINE_NOTES, ENGINES, engines_for
 from awqpad.errors import UnsupportedError
 from awqpad.checkpoint.formats.base import Fill, LogicalInsert, TensorOp, make_op
@@ -195,11 +196,15 @@ def make_plan(ckpt: Checkpoint, tps: tuple[int, ...], engine: str = "vllm", skip
     SGLang --ep-size), so expert widths are checked unsplit (TP 1) and padded only if that fails."""
     tps = tuple(sorted(set(tps)))
     engines = engines_for(engine)
+    if ckpt.foreign is not None and not ckpt.foreign.engine_pads:
+        refuse(ckpt.foreign)
     ep = expert_parallel
     before = [v for e in engines for t in tps for v in evaluate(ckpt, e, t, expert_parallel=ep)]
     blockers: list[Blocker] = []
     warnings: list[str] = []
     notes = [ENGINE_NOTES[e] for e in engines if e in ENGINE_NOTES]
+    if ckpt.foreign is not None:
+        notes.append(ckpt.foreign.summary)
     try:
         check_supported_quant(ckpt.quant, ckpt.source.root / "config.json")
         unsupported = None

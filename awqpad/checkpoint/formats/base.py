@@ -110,14 +110,37 @@ NUMPY_DTYPES = {
 
 
 def to_float64(array: np.ndarray, dtype: str) -> np.ndarray:
-    """Decode raw tensor values (BF16 arrives as uint16 bit patterns) to float64."""
+    """Decode raw tensor values (BF16 as uint16 bit patterns, float8 as uint8 bytes) to float64."""
+    if dtype in FLOAT8_DTYPES:
+        return FLOAT8_DTYPES[dtype][array.astype(np.uint8)]
     if dtype == "BF16":
         return bf16_to_f32(array).astype(np.float64)
     return array.astype(np.float64)
 
 
+def _e4m3fn(code: int) -> float:
+    """OCP float8 e4m3fn (torch.float8_e4m3fn): bias 7, no infinities, only S.1111.111 is NaN."""
+    sign = -1.0 if code & 0x80 else 1.0
+    exp, man = (code >> 3) & 0xF, code & 7
+    if exp == 15 and man == 7:
+        return float("nan")
+    return sign * (man / 8 * 2.0**-6 if exp == 0 else (1 + man / 8) * 2.0 ** (exp - 7))
+
+
+E4M3FN = np.array([_e4m3fn(c) for c in range(256)], dtype=np.float64)  # byte -> value
+FLOAT8_DTYPES = {"F8_E4M3": E4M3FN}
+
+
 def fill_bytes(dtype: str, value: float | int) -> bytes:
     """One element of `dtype` holding `value`, as raw little-endian bytes."""
+    table = FLOAT8_DTYPES.get(dtype)
+    if table is not None:
+        # Encode only values the format holds exactly; +0.0 is byte 0x00, never 0x80 (-0.0 in
+        # e4m3fn, NaN in ROCm's e4m3fnuz).
+        hits = [c for c in range(256) if table[c] == value and not (value == 0 and c & 0x80)]
+        if not hits:
+            raise UnsupportedError(f"{value!r} is not exactly representable in {dtype}")
+        return bytes([hits[0]])
     if dtype == "BF16":
         return (np.array([value], np.float32).view(np.uint32) >> 16).astype("<u2").tobytes()
     np_type = NUMPY_DTYPES.get(dtype)

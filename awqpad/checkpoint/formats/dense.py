@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from awqpad.errors import InputError
+from awqpad.errors import UnsupportedError
 from awqpad.checkpoint.formats.base import Fill, Geometry, make_op, scaled, to_float64
 
 NAME = "dense"
@@ -23,10 +23,12 @@ def readers(linear) -> tuple[str, ...]:
 def geometry(prefix: str, parts: dict, mq, quant) -> Geometry:
     w = parts["weight"]
     if w.dtype not in FLOAT_DTYPES:
-        raise InputError(
-            f"{prefix}: weight has dtype {w.dtype}; expected a float dtype (or this is a quantization format "
-            "awqpad does not know)"
-        )
+        # A well-formed tensor in a layout no format module claims: name what was found.
+        found = ", ".join(f"{part} {info.dtype}{list(info.shape)}" for part, info in sorted(parts.items()))
+        what = {"F8_E5M2": "FP8 E5M2 weights (awqpad pads FP8 e4m3 layouts only)",
+                "F8_E4M3": "FP8 e4m3 weights without a block / channel / tensor scale layout awqpad knows",
+                "F8_E8M0": "E8M0 (exponent-only) values as weights"}.get(w.dtype, f"{w.dtype} weights with no known quantization layout")
+        raise UnsupportedError(f"{prefix}: {what}; found {found}")
     return Geometry(w.shape[1], w.shape[0])
 
 
