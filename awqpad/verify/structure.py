@@ -88,7 +88,7 @@ def derive_ops(src: Checkpoint, out: Checkpoint) -> tuple[TensorOp, ...]:
             if block.kind == kind and block.width != new:
                 ops += block_ops(block, new)
     if (out.dims.heads, out.dims.kv_heads) != (src.dims.heads, src.dims.kv_heads) and out.dims.heads:
-        from awqpad.plan.heads import head_ops
+        from awqpad.plan.head_layout import head_ops
 
         ops += head_ops(src, out.dims.heads, out.dims.kv_heads or out.dims.heads)
     return tuple(ops)
