@@ -37,14 +37,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 __all__ = [
     "ARCHS", "METHODS", "Quant", "Model", "Fixture", "Linear",
     "build_checkpoint", "arch_linears", "effective_model",
     "dequantize", "dequantize_module", "dequantize_all", "DequantError", "dequant_awq", "dequant_gptq", "dequant_ct",
     "pack", "unpack", "awq_pack", "awq_unpack", "quantize_rtn",
-    "load_tensors", "read_index", "shard_files", "mlp_forward", "linear_forward", "silu", "encode_header",
+    "load_tensors", "read_index", "shard_files", "write_safetensors", "encode_header",
+    "mlp_forward", "linear_forward", "silu",
     "AWQ_ORDER", "AWQ_INV", "W8", "W7", "rel_err",
 ]
 
@@ -60,7 +60,12 @@ AWQ_INV = tuple(AWQ_ORDER.index(j) for j in range(8))  # (0, 4, 1, 5, 2, 6, 3, 7
 W8 = -2004318072  # 0x88888888 as int32 (fmt §0)
 W7 = 2004318071   # 0x77777777
 
-_ST_DTYPE = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "I32": torch.int32, "I64": torch.int64}
+# Storage arrays are numpy; numpy has no bfloat16, so BF16 tensors are kept as their uint16 bit patterns.
+_ST_DTYPE = {"F16": np.dtype("<f2"), "BF16": np.dtype("<u2"), "F32": np.dtype("<f4"), "I32": np.dtype("<i4"),
+             "I64": np.dtype("<i8")}
+# safetensors' Dtype enum order: `serialize` lays tensors out by dtype, this order descending, then by name.
+_ST_RANK = ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16", "F16",
+            "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64")
 _NBYTES = {"F16": 2, "BF16": 2, "F32": 4, "I32": 4, "I64": 8}
 _TORCH_DTYPE_NAME = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
 
@@ -199,11 +204,12 @@ def _bf16_to_f32(bits: np.ndarray) -> np.ndarray:
 
 
 def _np(a) -> np.ndarray:
-    """numpy view of a tensor/array; bf16 torch tensors become float32 (exact)."""
-    if isinstance(a, torch.Tensor):
+    """numpy view of an array, or of a torch tensor that an oracle test passes in (torch itself is never
+    imported here: the default test suite runs without it); bf16 tensors become float32 (exact)."""
+    if type(a).__module__.split(".")[0] == "torch":
         a = a.detach().cpu()
-        if a.dtype == torch.bfloat16:
-            return _bf16_to_f32(a.contiguous().view(torch.int16).numpy().view(np.uint16))
+        if str(a.dtype) == "torch.bfloat16":
+            a = a.float()  # every bfloat16 is a float32
         return a.numpy()
     return np.asarray(a)
 
@@ -340,21 +346,22 @@ def dequantize_all(all_tensors: dict, fx: "Fixture", prefixes=None) -> dict[str,
 # Round-to-nearest quantizer
 # --------------------------------------------------------------------------------------------------
 
-def _to_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
-    """float64 array -> torch tensor of the safetensors dtype (numpy conversions: no torch thread pool)."""
+def _to_storage(a: np.ndarray, dtype: str) -> np.ndarray:
+    """float64 array -> the stored array of the safetensors dtype (BF16: uint16 bit patterns)."""
     if dtype == "BF16":
-        return torch.from_numpy(_bf16_bits(a).view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(a, dtype={"F16": np.float16, "F32": np.float32}[dtype]))
+        return _bf16_bits(a)
+    return np.ascontiguousarray(a, dtype=_ST_DTYPE[dtype])
 
 
-def _stored_f64(t: torch.Tensor) -> np.ndarray:
-    return _f64(t)
+def _stored_f64(t: np.ndarray, dtype: str) -> np.ndarray:
+    """The float64 values of a stored array (`_to_storage` output) of the safetensors dtype."""
+    return (_bf16_to_f32(t) if dtype == "BF16" else t).astype(np.float64)
 
 
 def quantize_rtn(W: np.ndarray, g_idx: np.ndarray, G: int, bits: int, sym: bool, style: str,
                  scale_dtype: str = "F16", zmin: int = 0):
     """RTN-quantize W [N, K] with groups given by g_idx [K] (each group the same size).
-    Returns (q [N, K] unsigned codes, z [N, G] unsigned zero points, scales as stored (torch [N, G]),
+    Returns (q [N, K] unsigned codes, z [N, G] unsigned zero points, scales as stored ([N, G], BF16 as bits),
     s [N, G] float64 of the stored scales, Wd [N, K] float64 = (q - z[:, g_idx]) * s[:, g_idx]).
     style: "awq" (AutoAWQ's quantizer), "gptq" / "ct" (min/max range always including 0)."""
     N, K = W.shape
@@ -367,14 +374,14 @@ def quantize_rtn(W: np.ndarray, g_idx: np.ndarray, G: int, bits: int, sym: bool,
         amax = np.abs(Wg).max(-1)
         s = amax / (mid - 1) if style == "awq" else 2 * amax / maxq
         s_t = _to_storage(np.maximum(s, 1e-4), scale_dtype)
-        s64 = _stored_f64(s_t)
+        s64 = _stored_f64(s_t, scale_dtype)
         z = np.full((N, G), mid, np.int64)
     else:
         mx, mn = Wg.max(-1), Wg.min(-1)
         if style != "awq":  # GPTQ and compressed-tensors observers include 0 in the range
             mx, mn = np.maximum(mx, 0), np.minimum(mn, 0)
         s_t = _to_storage(np.maximum((mx - mn) / maxq, 1e-4), scale_dtype)
-        s64 = _stored_f64(s_t)
+        s64 = _stored_f64(s_t, scale_dtype)
         z = np.clip(np.round(-mn / s64), zmin, maxq).astype(np.int64)
     qg = np.round(Wg / s64[..., None])
     qg += z[..., None]
@@ -438,7 +445,7 @@ def _check_module(lin: Linear, mq: Quant):
 
 
 def _quantize_module(lin: Linear, mq: Quant, W: np.ndarray, rng):
-    """-> (tensors {name: torch}, W_deq float64, q, z, g_idx)."""
+    """-> (tensors {name: stored array}, W_deq float64, q, z, g_idx)."""
     p, N, K = lin.prefix, lin.out, lin.inp
     b = mq.bits
     g = K if mq.group_size == -1 else mq.group_size
@@ -447,24 +454,24 @@ def _quantize_module(lin: Linear, mq: Quant, W: np.ndarray, rng):
     style = {"awq": "awq", "gptq": "gptq", "ct": "ct"}[mq.method]
     zmin = 1 if (mq.method == "gptq" and not mq.sym and not mq.v2) else 0  # v1 cannot store z = 0 (fmt §3)
     q, z, s_t, s64, Wd = quantize_rtn(W, gi, G, b, mq.sym, style, mq.scale_dtype, zmin)
-    t: dict[str, torch.Tensor] = {}
+    t: dict[str, np.ndarray] = {}
     if mq.method == "awq":
-        t[f"{p}.qweight"] = torch.from_numpy(awq_pack(q.T))
-        t[f"{p}.qzeros"] = torch.from_numpy(awq_pack(z.T))
-        t[f"{p}.scales"] = s_t.T.contiguous()
+        t[f"{p}.qweight"] = awq_pack(q.T)
+        t[f"{p}.qzeros"] = awq_pack(z.T)
+        t[f"{p}.scales"] = np.ascontiguousarray(s_t.T)
     elif mq.method == "gptq":
-        t[f"{p}.qweight"] = torch.from_numpy(pack(q.T, b, 0))
-        t[f"{p}.qzeros"] = torch.from_numpy(pack((z if mq.v2 else z - 1).T, b, 1))
-        t[f"{p}.scales"] = s_t.T.contiguous()
-        t[f"{p}.g_idx"] = torch.from_numpy(gi.astype(np.int32))
+        t[f"{p}.qweight"] = pack(q.T, b, 0)
+        t[f"{p}.qzeros"] = pack((z if mq.v2 else z - 1).T, b, 1)
+        t[f"{p}.scales"] = np.ascontiguousarray(s_t.T)
+        t[f"{p}.g_idx"] = gi.astype(np.int32)
     else:
-        t[f"{p}.weight_packed"] = torch.from_numpy(pack(q, b, 1))
-        t[f"{p}.weight_scale"] = s_t.contiguous()
+        t[f"{p}.weight_packed"] = pack(q, b, 1)
+        t[f"{p}.weight_scale"] = np.ascontiguousarray(s_t)
         if not mq.sym:
-            t[f"{p}.weight_zero_point"] = torch.from_numpy(pack(z, b, 0))
-        t[f"{p}.weight_shape"] = torch.tensor([N, K], dtype=torch.int64)
+            t[f"{p}.weight_zero_point"] = pack(z, b, 0)
+        t[f"{p}.weight_shape"] = np.array([N, K], dtype=np.int64)
         if mq.desc_act:
-            t[f"{p}.weight_g_idx"] = torch.from_numpy(gi.astype(np.int32))
+            t[f"{p}.weight_g_idx"] = gi.astype(np.int32)
     return t, Wd, q, z, gi
 
 
@@ -881,6 +888,18 @@ def encode_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dic
     return struct.pack("<Q", len(body)) + body, off
 
 
+def write_safetensors(file, entries: list[tuple[str, str, np.ndarray]], metadata: dict | None = None) -> None:
+    """Write (name, safetensors dtype, array) entries as one safetensors file, laid out as safetensors'
+    `serialize` lays them out (dtype order descending, then name): the files match `save_file`'s byte for byte.
+    BF16 arrays are uint16 bit patterns."""
+    order = sorted(entries, key=lambda e: (-_ST_RANK.index(e[1]), e[0]))
+    head, _ = encode_header([(n, dt, tuple(a.shape)) for n, dt, a in order], metadata)
+    with open(file, "wb") as fh:
+        fh.write(head)
+        for _, dt, a in order:
+            fh.write(np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).tobytes())
+
+
 def _split(specs: list, shards: int) -> list[list]:
     sizes = [_NBYTES[dt] * math.prod(sh) for _, dt, sh in specs]
     total = max(sum(sizes), 1)
@@ -896,7 +915,7 @@ def _shard_name(i: int, n: int) -> str:
     return "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
-def _init_plain(e: _Plain, rng, dtype: str) -> torch.Tensor:
+def _init_plain(e: _Plain, rng, dtype: str) -> np.ndarray:
     if e.kind == "norm":
         a = 1.0 + 0.1 * rng.standard_normal(e.shape)
     elif e.kind == "inv_freq":
@@ -996,11 +1015,11 @@ def build_checkpoint(path, model: Model = Model(), quant: Quant = Quant("awq"), 
 
     if data:
         rng = np.random.default_rng(seed)
-        store: dict[str, torch.Tensor] = {}
+        store: dict[str, np.ndarray] = {}
         for e in layout:
             if isinstance(e, _Plain):
                 store[e.name] = _init_plain(e, rng, dtype)
-                fx.others[e.name] = _stored_f64(store[e.name])
+                fx.others[e.name] = _stored_f64(store[e.name], dtype)
                 continue
             W = _random_weight(rng, e.out, e.inp)
             mq = mquant[e.prefix]
@@ -1008,7 +1027,7 @@ def build_checkpoint(path, model: Model = Model(), quant: Quant = Quant("awq"), 
             if mq is None:
                 t = _to_storage(W, dtype)
                 store[f"{e.prefix}.weight"] = t
-                fx.weights[e.prefix] = _stored_f64(t)
+                fx.weights[e.prefix] = _stored_f64(t, dtype)
             else:
                 ts, Wd, q, z, gi = _quantize_module(e, mq, W, rng)
                 store.update(ts)
@@ -1018,15 +1037,12 @@ def build_checkpoint(path, model: Model = Model(), quant: Quant = Quant("awq"), 
             if e.bias:
                 b = _to_storage(0.05 * rng.standard_normal(e.out), dtype)
                 store[f"{e.prefix}.bias"] = b
-                fx.biases[e.prefix] = _stored_f64(b)
-        from safetensors.torch import save_file
+                fx.biases[e.prefix] = _stored_f64(b, dtype)
         for name, grp in zip(names, groups):
-            part = {}
             for n, dt, sh in grp:
                 t = store[n]
                 assert t.dtype == _ST_DTYPE[dt] and tuple(t.shape) == sh, (n, t.dtype, t.shape, dt, sh)
-                part[n] = t.contiguous()
-            save_file(part, str(path / name), metadata={"format": "pt"})
+            write_safetensors(path / name, [(n, dt, store[n]) for n, dt, _ in grp], {"format": "pt"})
     else:
         for name, grp in zip(names, groups):
             head, nbytes = encode_header(grp, {"format": "pt"})
@@ -1064,15 +1080,33 @@ def read_index(path) -> dict | None:
     return json.loads(f.read_text()) if f.exists() else None
 
 
+def _header(file) -> tuple[dict, int]:
+    """-> (the JSON header of one safetensors file, offset of its data). No validation: `load_tensors`
+    leaves that to safetensors."""
+    with open(file, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        return json.loads(fh.read(n)), 8 + n
+
+
 def load_tensors(path) -> dict[str, np.ndarray]:
-    """Every tensor of every shard in a checkpoint dir (or of one file), as numpy; bf16 -> float32."""
-    from safetensors.torch import load_file
+    """Every tensor of every shard in a checkpoint dir (or of one file), as numpy; bf16 -> float32.
+    safetensors' own reader opens (and so validates) every file and returns every tensor numpy has a dtype
+    for; BF16 bytes are read at the offsets its header gives and widened exactly."""
+    from safetensors import safe_open
     p = Path(path)
     files = [p] if p.is_file() else shard_files(p)
     out: dict[str, np.ndarray] = {}
     for f in files:
-        for k, t in load_file(str(f)).items():
-            out[k] = _np(t)
+        header, start = _header(f)
+        with safe_open(str(f), framework="numpy") as st:
+            for k in st.keys():
+                info = header[k]
+                if info["dtype"] != "BF16":
+                    out[k] = st.get_tensor(k)
+                    continue
+                a, b = info["data_offsets"]
+                raw = np.fromfile(f, dtype="<u2", count=(b - a) // 2, offset=start + a)
+                out[k] = _bf16_to_f32(raw).reshape(info["shape"])
     return out
 
 

@@ -14,10 +14,9 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors.torch import save_file
+from safetensors.numpy import save_file
 
 from awqpad.verify import simulate_attention as attention_sim
 from awqpad.checkpoint import formats
@@ -390,7 +389,7 @@ def test_reference_matches_factory_weights(tmp_path):
 
 def _add_tensor(path, name, array):
     """Add one tensor to a sharded fixture: a new shard file named in the index."""
-    save_file({name: torch.tensor(array)}, str(path / "extra.safetensors"), metadata={"format": "pt"})
+    save_file({name: np.asarray(array)}, str(path / "extra.safetensors"), metadata={"format": "pt"})
     index = json.loads((path / "model.safetensors.index.json").read_text())
     index["weight_map"][name] = "extra.safetensors"
     (path / "model.safetensors.index.json").write_text(json.dumps(index))

@@ -41,12 +41,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 try:
+    from tests import oracle_env
     from tests.factory import Model, Quant, build_checkpoint
 except ImportError:  # pragma: no cover - run from inside tests/
+    import oracle_env
     from factory import Model, Quant, build_checkpoint
+
+torch = oracle_env.import_torch(module_level=True)
 
 pytestmark = pytest.mark.oracle
 
@@ -59,15 +62,7 @@ TP = (2, 4)
 # oracle availability: skip locally, fail in CI
 # ------------------------------------------------------------------------------------------------
 
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
-def missing(what: str, err: BaseException | str) -> None:
-    msg = f"{what} is not available ({err}); install the tier-1 oracles with `bash .ci/oracles.sh`"
-    if in_ci():
-        pytest.fail(f"CI is set, so a missing oracle is a failure: {msg}", pytrace=False)
-    pytest.skip(msg)
+missing = oracle_env.missing  # test_runtime.py uses it too
 
 
 @lru_cache(maxsize=None)

@@ -33,13 +33,19 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 try:
+    from tests import oracle_env
     from tests.factory import Model, Quant, build_checkpoint
+except ImportError:  # pragma: no cover
+    import oracle_env
+    from factory import Model, Quant, build_checkpoint
+
+torch = oracle_env.import_torch(module_level=True)
+
+try:
     from tests import test_oracles as oracles
 except ImportError:  # pragma: no cover
-    from factory import Model, Quant, build_checkpoint
     import test_oracles as oracles
 
 pytestmark = pytest.mark.oracle
