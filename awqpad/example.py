@@ -1,6 +1,6 @@
 """Make a tiny Qwen2-shaped AWQ-GEMM checkpoint that vLLM refuses at TP 2 and 4 before padding.
 
-    python -m awqpad.example ./example/tiny-qwen2-awq
+    python -m awqpad.example example/tiny-qwen2-awq        # see --help
 
 intermediate_size 2432 = 19 groups of 128, so each rank would get 9.5 (TP 2) or 4.75 (TP 4) groups.
 Random weights, round-to-nearest quantized with zero points, packed exactly as AutoAWQ's GEMM layout.
@@ -8,7 +8,10 @@ Random weights, round-to-nearest quantized with zero points, packed exactly as A
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -103,17 +106,66 @@ def _save_sharded(path: Path, tensors: dict[str, np.ndarray], shards: int) -> No
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m awqpad.example OUT_DIR", file=sys.stderr)
-        sys.exit(2)
-    out = Path(argv[0])
-    if out.exists() and any(out.iterdir()):
-        print(f"{out}: exists and is not empty; leaving it alone", file=sys.stderr)
-        sys.exit(0)
-    print(f"wrote {make_example(out)}")
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m awqpad.example",
+        description="Write a tiny random Qwen2-shaped AWQ-GEMM checkpoint (2 layers, intermediate_size 2432 = "
+                    "19 groups of 128, ~5 MB) that vLLM refuses at TP 2 and 4 until awqpad pads it.",
+        epilog="Exit codes: 0 written (or an example is already there), 2 bad usage, 4 OUT exists and is "
+               "something else (use --force).")
+    p.add_argument("out", metavar="OUT", type=Path, help="directory to create")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUT if it exists (the old OUT is removed only once the new one is complete)")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default: %(default)s)")
+    return p
+
+
+def _is_example(path: Path) -> bool:
+    """Whether `path` holds a checkpoint this module wrote (its config and README say so)."""
+    try:
+        readme = (path / "README.md").read_text(errors="replace")
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return "made by `python -m awqpad.example`" in readme and config.get("intermediate_size") == INTERMEDIATE
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"awqpad.example: error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        return _fail(f"{out} exists and is not a directory", 4)
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        if _is_example(out):  # re-running a set-up line is not an error
+            print(f"{out}: an example checkpoint is already there; leaving it alone (--force rewrites it)",
+                  file=sys.stderr)
+            return 0
+        return _fail(f"{out} exists and is not empty; use --force to replace it", 4)
+    # Written beside OUT, then renamed into place: an interrupted run leaves no half-written OUT, and
+    # --force loses the old OUT only after the new one is complete.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    try:
+        make_example(tmp, seed=args.seed)
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+    except OSError as exc:
+        return _fail(f"cannot write {out}: {exc.strerror or exc}", 4)
+    except KeyboardInterrupt:
+        return _fail("interrupted; nothing written", 130)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    print(f"wrote {out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

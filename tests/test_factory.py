@@ -66,6 +66,16 @@ def built(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="module", params=MATRIX, ids=[f"{a}-{v}" for a, v in MATRIX])
+def matrix(request, tmp_path_factory):
+    """One (fixture, loaded tensors) of the matrix at a time: pytest runs every test of one parameter before
+    building the next and drops the previous one, so memory stays at one checkpoint, not 99."""
+    arch, variant = request.param
+    fx = build_checkpoint(tmp_path_factory.mktemp("matrix") / f"{arch}-{variant}", _small(arch), VARIANTS[variant],
+                          shards=3, seed=1)
+    return fx, load_tensors(fx.path)
+
+
 def _modules(names):
     mods: dict[str, set[str]] = {}
     for n in names:
@@ -78,9 +88,8 @@ def _modules(names):
 # The matrix: every arch x format builds, opens, is indexed right, and dequantizes to Fixture.weights
 # ---------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("arch,variant", MATRIX)
-def test_shards_open_and_index_maps_every_tensor_to_its_shard(built, arch, variant):
-    fx, tensors = built(arch, variant)
+def test_shards_open_and_index_maps_every_tensor_to_its_shard(matrix):
+    fx, tensors = matrix
     files = shard_files(fx.path)
     assert [f.name for f in files] == fx.shard_names and len(files) == 3
     held: dict[str, str] = {}
@@ -101,9 +110,8 @@ def test_shards_open_and_index_maps_every_tensor_to_its_shard(built, arch, varia
     assert set(held) == set(fx.tensors) == set(tensors)
 
 
-@pytest.mark.parametrize("arch,variant", MATRIX)
-def test_weights_are_what_the_stored_tensors_dequantize_to(built, arch, variant):
-    fx, tensors = built(arch, variant)
+def test_weights_are_what_the_stored_tensors_dequantize_to(matrix):
+    fx, tensors = matrix
     assert list(fx.weights) == list(fx.linears)
     for prefix, W in fx.weights.items():
         lin = fx.linears[prefix]
@@ -117,9 +125,8 @@ def test_weights_are_what_the_stored_tensors_dequantize_to(built, arch, variant)
             assert prefix + ".bias" not in tensors
 
 
-@pytest.mark.parametrize("arch,variant", MATRIX)
-def test_quantization_is_close_to_the_float_weights(built, arch, variant):
-    fx, _ = built(arch, variant)
+def test_quantization_is_close_to_the_float_weights(matrix):
+    fx, _ = matrix
     q = fx.quant
     limit = {"fp16": 1e-3, "bf16": 1e-2}.get(q.method, 0.12 if q.bits == 4 else 0.01)
     for prefix, W in fx.weights.items():
@@ -129,9 +136,8 @@ def test_quantization_is_close_to_the_float_weights(built, arch, variant):
             assert err > 0  # it really was quantized
 
 
-@pytest.mark.parametrize("arch,variant", MATRIX)
-def test_only_decoder_linears_are_quantized(built, arch, variant):
-    fx, tensors = built(arch, variant)
+def test_only_decoder_linears_are_quantized(matrix):
+    fx, tensors = matrix
     q = fx.quant
     mods = _modules(tensors)
     for prefix, lin in fx.linears.items():
