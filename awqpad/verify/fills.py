@@ -9,6 +9,7 @@ import time
 import numpy as np
 
 from awqpad.checkpoint import formats
+from awqpad.checkpoint.formats import nvfp4
 from awqpad.checkpoint.formats.base import Fill, TensorOp, bf16_to_f32, fill_bytes
 from awqpad.checkpoint.model import Linear
 from awqpad.execute.tensor_io import ARRAY_DTYPES, RAW_DTYPES, itemsize
@@ -132,22 +133,27 @@ def _variants(lin: Linear, dim: str) -> list[tuple[str, bool]]:
 MAIN_TENSOR = {"awq-gemm": "qweight", "gptq": "qweight", "compressed-tensors": "weight_packed", "dense": "weight"}
 
 
+def main_tensor(lin: Linear) -> str:
+    return nvfp4.main_tensor(lin) if lin.format == "nvfp4" else MAIN_TENSOR[lin.format]
+
+
 def _axis_features(lin: Linear) -> dict[int, tuple[str, int]]:
     per = 32 // (lin.bits or 4)
     return {
         "awq-gemm": {0: ("in", 1), 1: ("out", 8)},
         "gptq": {0: ("in", per), 1: ("out", 1)},
         "compressed-tensors": {0: ("out", 1), 1: ("in", per)},
+        "nvfp4": {0: ("out", 1), 1: ("in", 2)},
         "dense": {0: ("out", 1), 1: ("in", 1)},
     }[lin.format]
 
 
 def padded_ranges(lin: Linear, ops: dict[str, TensorOp]) -> list[tuple[str, int, int]]:
     """(dim, start, stop) feature ranges of OUT's linear that the recorded ops inserted."""
-    main = lin.parts.get(MAIN_TENSOR[lin.format])
+    main = lin.parts.get(main_tensor(lin))
     op = ops.get(main.name) if main is not None else None
     if op is None:
-        raise ValueError(f"{lin.prefix}: some of its tensors are padded but its {MAIN_TENSOR[lin.format]} is not")
+        raise ValueError(f"{lin.prefix}: some of its tensors are padded but its {main_tensor(lin)} is not")
     dim, unit = _axis_features(lin)[op.axis]
     out, shift = [], 0
     for ins in sorted(op.inserts, key=lambda i: i.at):

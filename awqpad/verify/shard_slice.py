@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from awqpad.checkpoint import formats
+from awqpad.checkpoint.formats import nvfp4
 from awqpad.checkpoint.model import Linear
 
 
@@ -41,6 +42,8 @@ def units(linear: Linear, dim: str) -> int:
         if dim == "in":
             return _per(linear)
         return _per(linear) if "weight_zero_point" in linear.parts else 1
+    if fmt == "nvfp4":
+        return 2 if dim == "in" else 1  # two e2m1 codes per byte along K
     return 1
 
 
@@ -126,18 +129,34 @@ def take(arrays: dict, linear: Linear, dim: str, start: int, stop: int, replicat
         if "weight_g_idx" in a:
             out["weight_g_idx"] = a["weight_g_idx"][start:stop]
         return out
+    if fmt == "nvfp4":
+        return _take_nvfp4(a, linear, dim, start, stop, rows)
     if dim == "out":
         return {"weight": a["weight"][start:stop]}
     return {"weight": a["weight"][:, start:stop]}
+
+
+def _take_nvfp4(a: dict, linear: Linear, dim: str, start: int, stop: int, rows) -> dict:
+    """NVFP4 shard: rows (or byte columns) of the packed weight and block scales; the per-tensor global
+    scales are replicated to every rank (vLLM PerTensorScaleParameter)."""
+    main, glob = nvfp4.main_tensor(linear), nvfp4.global_tensor(linear)
+    out = {glob: a[glob]}
+    if dim == "out":
+        out.update({main: a[main][start:stop], "weight_scale": a["weight_scale"][start:stop]})
+    else:
+        out.update({main: a[main][:, start // 2 : -(-stop // 2)], "weight_scale": a["weight_scale"][:, slice(*rows)]})
+    return out
 
 
 OUT_AXIS = {
     "awq-gemm": {"qweight": 1, "qzeros": 1, "scales": 1},
     "gptq": {"qweight": 1, "qzeros": 1, "scales": 1},
     "compressed-tensors": {"weight_packed": 0, "weight_scale": 0, "weight_zero_point": 0},
+    "nvfp4": {"weight_packed": 0, "weight": 0, "weight_scale": 0},
     "dense": {"weight": 0},
 }
 SHARED_PARTS = ("g_idx", "weight_g_idx")
+GLOBAL_PARTS = ("weight_global_scale", "weight_scale_2")  # NVFP4 per-tensor scales
 
 
 def merge(pieces: list[dict], linear: Linear) -> dict:
@@ -152,6 +171,14 @@ def merge(pieces: list[dict], linear: Linear) -> dict:
                                  "one (the last loaded), so it would read the wrong groups for the other "
                                  "(a property of the checkpoint, not of the padding)", kind="merge")
             out[key] = pieces[-1][key]
+        elif key in GLOBAL_PARTS:
+            # vLLM keeps one global scale per merged partition: compressed-tensors rescales each
+            # partition's output, ModelOpt uses the max of them. Equal ones merge into one.
+            if any(not np.array_equal(p[key], pieces[0][key]) for p in pieces[1:]):
+                raise ShardError(f"{linear.prefix}: gate and up carry different NVFP4 global scales ({key}); vLLM's "
+                                 "compressed-tensors path rescales each partition, ModelOpt's takes the max (a property "
+                                 "of the checkpoint, not of the padding), so each is simulated with its own", kind="merge")
+            out[key] = pieces[0][key]
         elif key in axes:  # (weight_shape, a full-range slice's metadata, is not part of the parameter)
             out[key] = np.concatenate([p[key] for p in pieces], axis=axes[key])
     return out
