@@ -7,7 +7,8 @@ import math
 from dataclasses import dataclass
 
 from awqpad.checkpoint.model import Checkpoint
-from awqpad.engines.profiles import ENGINES, Rule
+from awqpad.engines.nvfp4_rules import engine_rules
+from awqpad.engines.profiles import Rule
 
 MLP_KINDS = ("dense", "shared", "expert")
 KIND_LABEL = {"dense": "MLP", "shared": "shared expert", "expert": "MoE expert"}
@@ -101,7 +102,7 @@ def evaluate(ckpt: Checkpoint, engine: str, t: int, widths: dict[str, int] | Non
         text = rule.message.format(value=value, t=t if split is None else split, m=m)
         return Violation(engine, t, rule.id, rule.quantity, value, m, rule.severity, paddable, text, explanation, rule.source)
 
-    for rule in ENGINES[engine]:
+    for rule in engine_rules(engine, ckpt):
         result: Violation | None = None
         q = rule.quantity
         if q == "heads":
@@ -186,7 +187,7 @@ def attention_violations(ckpt: Checkpoint, engine: str, t: int, heads: int | Non
         text = rule.message.format(value=value, t=t, m=m)
         return Violation(engine, t, rule.id, rule.quantity, value, m, rule.severity, False, text, explanation, rule.source)
 
-    for rule in ENGINES[engine]:
+    for rule in engine_rules(engine, ckpt):
         q = rule.quantity
         if q not in HEAD_QUANTITIES or rule.any_of:
             continue

@@ -17,7 +17,8 @@ from awqpad.checkpoint import formats
 from awqpad.checkpoint.model import Checkpoint, MLPBlock
 from awqpad.checkpoint.config import check_supported_quant
 from awqpad.checkpoint.foreign import refuse
-from awqpad.engines.profiles import ENGINE_NOTES, ENGINES, engines_for
+from awqpad.engines.nvfp4_rules import engine_rules
+from awqpad.engines.profiles import ENGINE_NOTES, engines_for
 from awqpad.errors import UnsupportedError
 from awqpad.checkpoint.formats.base import Fill, LogicalInsert, TensorOp, make_op
 from awqpad.plan.heads import HeadBlocker, HeadPlan, plan_heads
@@ -102,7 +103,7 @@ def _constraints(ckpt: Checkpoint, kind: str, engines, tps) -> tuple[list[tuple[
     """Conjunctive (c, M, rule) constraints on width W of `kind`, plus OR-groups of alternatives."""
     fixed, groups = [], {}
     for engine, t in itertools.product(engines, tps):
-        for rule in ENGINES[engine]:
+        for rule in engine_rules(engine, ckpt):
             if "." not in rule.quantity or rule.quantity.split(".")[0] != kind:
                 continue
             subject = mlp_subject(ckpt, kind, rule.quantity.split(".")[1])
