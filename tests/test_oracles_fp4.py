@@ -6,7 +6,7 @@ codes and block scales under other names (weight / weight_scale_2 = 1 / global);
 decompressor after renaming, with weight_global_scale = 1 / weight_scale_2.
 
 Missing oracle packages (torch, compressed-tensors) skip these tests locally (`bash .ci/oracles.sh`
-installs them) and fail them when the CI environment variable is set (the tests/test_oracles.py convention).
+installs them) and fail them when the CI environment variable is set (tests/oracle_env.py).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from tests.factory_fp4 import Fp4Model, build_nvfp4, load_raw
-from tests.test_oracles import missing
+from tests.oracle_env import missing
 
 pytestmark = pytest.mark.oracle
 
