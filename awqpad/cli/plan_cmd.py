@@ -60,7 +60,8 @@ def render(plan: PadPlan, summary: dict, console: Console) -> None:
             if not fails:
                 table.add_row(engine, str(t), "[green]✓ loads[/]")
             for i, v in enumerate(fails):
-                mark = "[yellow]~ slower kernel[/]" if v.severity == "fallback" else "[red]✗[/]"
+                mark = (f"[yellow]~ fallback to {v.fallback_to or 'a slower kernel'}[/]" if v.severity == "fallback"
+                        else "[red]✗ refused[/]")
                 table.add_row(engine if i == 0 else "", str(t) if i == 0 else "", f"{mark} {v.explanation} [{v.rule}]\n  [dim]{v.message}[/]")
     console.print(table)
     changed = plan.changed_dims

@@ -1,5 +1,8 @@
 """Evaluate engine rules (profiles.py) against a checkpoint's dimensions at a TP size, also for a
-hypothetical attention-head count (what head padding asks before choosing one)."""
+hypothetical attention-head count (what head padding asks before choosing one).
+
+A rule applies to a linear when its format is one of the rule's formats (rules.Rule.covers), so an AWQ
+checkpoint never hears a compressed-tensors message and vice versa."""
 
 from __future__ import annotations
 
@@ -30,6 +33,12 @@ class Violation:
     message: str  # what the engine prints
     explanation: str  # what failed, in awqpad's words
     source: str
+    path: str | None = None  # the kernel path the rule guards (rules.Rule.path)
+    fallback_to: str | None = None  # severity "fallback": the slower kernel the engine takes instead
+
+    @property
+    def outcome(self) -> str:
+        return "refused" if self.severity == "error" else "fallback"
 
 
 def multiple_of(rule: Rule, t: int, group: int | None, bits: int | None) -> int:
@@ -56,6 +65,7 @@ class Subject:
     quantized: bool
     group: int | None
     bits: int | None
+    format: str | None = None
 
 
 def mlp_subject(ckpt: Checkpoint, kind: str, part: str) -> Subject | None:
@@ -63,7 +73,7 @@ def mlp_subject(ckpt: Checkpoint, kind: str, part: str) -> Subject | None:
     if not blocks:
         return None
     lin = blocks[0].linears[-1] if part == "K_r" else blocks[0].linears[0]
-    return Subject(kind, lin.quantized, lin.group_size, lin.bits)
+    return Subject(kind, lin.quantized, lin.group_size, lin.bits, lin.format)
 
 
 def attn_subject(ckpt: Checkpoint, part: str) -> Subject | None:
@@ -71,7 +81,7 @@ def attn_subject(ckpt: Checkpoint, part: str) -> Subject | None:
     lin = next((lin for lin in ckpt.linears if lin.role in roles), None)
     if lin is None:
         return None
-    return Subject(None, lin.quantized, lin.group_size, lin.bits)
+    return Subject(None, lin.quantized, lin.group_size, lin.bits, lin.format)
 
 
 def constraint(rule: Rule, t: int, subject: Subject) -> tuple[int, int]:
@@ -86,7 +96,7 @@ def constraint(rule: Rule, t: int, subject: Subject) -> tuple[int, int]:
 
 
 def applies(rule: Rule, subject: Subject) -> bool:
-    return rule.quantized is None or rule.quantized == subject.quantized
+    return (rule.quantized is None or rule.quantized == subject.quantized) and rule.covers(subject.format)
 
 
 def evaluate(ckpt: Checkpoint, engine: str, t: int, widths: dict[str, int] | None = None,
@@ -100,7 +110,8 @@ def evaluate(ckpt: Checkpoint, engine: str, t: int, widths: dict[str, int] | Non
 
     def fail(rule, value, m, paddable, explanation, split=None):
         text = rule.message.format(value=value, t=t if split is None else split, m=m)
-        return Violation(engine, t, rule.id, rule.quantity, value, m, rule.severity, paddable, text, explanation, rule.source)
+        return Violation(engine, t, rule.id, rule.quantity, value, m, rule.severity, paddable, text, explanation, rule.source,
+                         rule.path, rule.fallback_to)
 
     for rule in engine_rules(engine, ckpt):
         result: Violation | None = None
@@ -115,13 +126,15 @@ def evaluate(ckpt: Checkpoint, engine: str, t: int, widths: dict[str, int] | Non
                 if not ok:
                     result = fail(rule, kv, t, False, f"{kv} KV heads neither divide nor are divided by TP {t}")
         elif q == "hidden":
-            if any(b.kind == "expert" for b in ckpt.mlps) and ckpt.bits and dims.hidden:
-                m = int(rule.multiple)
+            subject = mlp_subject(ckpt, "expert", "K_r")
+            if subject is not None and applies(rule, subject) and subject.quantized and dims.hidden:
+                m = multiple_of(rule, t, subject.group, subject.bits)
                 if dims.hidden % m:
                     result = fail(rule, dims.hidden, m, False, f"hidden_size {dims.hidden} is not a multiple of {m}")
         elif q == "group":
             g = ckpt.group_size
-            if ckpt.bits and g is not None and g != int(rule.multiple):
+            lin = next((lin for lin in ckpt.linears if lin.quantized), None)
+            if lin is not None and rule.covers(lin.format) and g is not None and g != int(rule.multiple):
                 result = fail(rule, g, int(rule.multiple), False, f"group size {g} is not {rule.multiple}")
         elif q.startswith("attn."):
             part = q.split(".")[1]
@@ -185,7 +198,8 @@ def attention_violations(ckpt: Checkpoint, engine: str, t: int, heads: int | Non
 
     def fail(rule, value, m, explanation):
         text = rule.message.format(value=value, t=t, m=m)
-        return Violation(engine, t, rule.id, rule.quantity, value, m, rule.severity, False, text, explanation, rule.source)
+        return Violation(engine, t, rule.id, rule.quantity, value, m, rule.severity, False, text, explanation, rule.source,
+                         rule.path, rule.fallback_to)
 
     for rule in engine_rules(engine, ckpt):
         q = rule.quantity

@@ -273,7 +273,8 @@ def make_plan(ckpt: Checkpoint, tps: tuple[int, ...], engine: str = "vllm", skip
         ops, dims = [], [dataclasses.replace(d, padded=d.original, added_bytes=0) for d in dims]
     for v in after:
         if v.severity == "fallback":
-            warnings.append(f"{v.engine} TP={v.tp}: {v.explanation}; it loads through a slower fallback kernel")
+            slower = f"the slower {v.fallback_to} kernel" if v.fallback_to else "a slower fallback kernel"
+            warnings.append(f"{v.engine} TP={v.tp}: {v.explanation}; it loads through {slower}")
         elif not v.paddable or (v.quantity.startswith("expert.") and skip_experts):
             explanation = v.explanation
             if v.rule in HEAD_RULES and not pad_heads:
