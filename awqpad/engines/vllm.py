@@ -92,7 +92,16 @@ def _dense_classic(kind: str) -> tuple[Rule, ...]:
     )
 
 
-VLLM = COMMON + _dense_classic("dense") + _dense_classic("shared") + (
+# <= 0.11 compressed-tensors MoE off Marlin: CompressedTensorsWNA16MoEMethod (Triton), slower; it floored the
+# group count silently, so a straddled group is refused above (expert-groups) rather than predicted to load.
+CT_MOE_CLASSIC = (
+    Rule("expert-ct-marlin", "expert.K_r", "max(64,group)",
+         "Using CompressedTensorsWNA16MoEMethod (per-rank expert width {value} is not a multiple of {m}: no MoE Marlin)",
+         "compressed_tensors/compressed_tensors_moe.py CompressedTensorsMoEMethod.get_moe_method; marlin_utils.py check_moe_marlin_supports_layer",
+         True, "fallback", formats=(CT_INT,), path="moe-marlin", fallback_to="ct-wna16-triton"),
+)
+
+VLLM = COMMON + _dense_classic("dense") + _dense_classic("shared") + CT_MOE_CLASSIC + (
     Rule("attn-o-groups", "attn.K_r", "lcm(group,128)", MARLIN_K, "marlin_utils.py verify_marlin_supports_shape on o_proj", True,
          formats=INT_FORMATS, path="marlin"),
     Rule("attn-qkv-marlin-n", "attn.N_r", "64", MARLIN_N, "marlin_utils.py verify_marlin_supports_shape on qkv_proj", True,
