@@ -16,6 +16,8 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No output except 
 SkipExpertsOpt = Annotated[bool, typer.Option("--skip-experts", help="Leave MoE expert widths alone.")]
 DEFAULT_ENGINE_NAME = DEFAULT_ENGINE
 OptionalStr = Optional[str]
+StrategyOpt = Annotated[str, typer.Option("--strategy", help="How to make widths split: pad (zero-pad in whole groups), "
+                        "regroup (split quantization groups into smaller ones, exact), auto (the cheapest exact mix).")]
 PadHeadsOpt = Annotated[bool, typer.Option("--pad-heads", help="Also pad attention heads (zero heads inside each KV group, "
                         "or whole new KV groups) when the head count blocks the TP size.")]
 ExpertParallelOpt = Annotated[bool, typer.Option("--expert-parallel", help="The engine will run MoE experts with expert "

@@ -11,7 +11,7 @@ from rich.console import Console
 from awqpad.checkpoint.model import read_checkpoint
 from awqpad.cli.inspect_cmd import human_bytes
 from awqpad.cli.options import (EngineOpt, ExpertParallelOpt, JsonOpt, PadHeadsOpt, QuietOpt, SkipExpertsOpt, SrcArg,
-                                TpOpt)
+                                StrategyOpt, TpOpt)
 from awqpad.cli.output import Output
 from awqpad.cli.plan_cmd import serve_command
 from awqpad.engines.profiles import DEFAULT_ENGINE, check_engine
@@ -19,7 +19,8 @@ from awqpad.checkpoint.foreign import refuse
 from awqpad.errors import BlockedError, InputError
 from awqpad.source.push import push_to_hub
 from awqpad.execute.output_repo import PROVENANCE, pad_to_directory
-from awqpad.plan.pad_plan import make_plan, plan_summary
+from awqpad.plan.pad_plan import plan_summary
+from awqpad.plan.strategy import DEFAULT_STRATEGY, check_strategy, plan_with_strategy
 from awqpad.source import parse_repo_spec, resolve_source
 
 HELP = """Write a padded copy of SRC to OUT that loads at the given TP size(s). SRC is never modified;
@@ -44,6 +45,7 @@ def pad(
     skip_experts: SkipExpertsOpt = False,
     pad_heads: PadHeadsOpt = False,
     expert_parallel: ExpertParallelOpt = False,
+    strategy: StrategyOpt = DEFAULT_STRATEGY,
     force: ForceOpt = False,
     push_repo: PushOpt = None,
     public: PublicOpt = False,
@@ -51,6 +53,7 @@ def pad(
     quiet: QuietOpt = False,
 ) -> None:
     check_engine(engine)
+    check_strategy(strategy)
     if public and not push_repo:
         raise InputError("--public needs --push-to-hub ORG/NAME")
     if push_repo and (parse_repo_spec(push_repo) is None or "@" in push_repo):
@@ -59,7 +62,7 @@ def pad(
     ckpt = read_checkpoint(resolve_source(src, progress=out.interactive))
     if ckpt.foreign is not None:
         refuse(ckpt.foreign)  # MXFP4 too: the engines already split it at any TP, there is nothing to pad
-    plan = make_plan(ckpt, tuple(tp), engine, skip_experts, pad_heads, expert_parallel)
+    plan = plan_with_strategy(ckpt, tuple(tp), engine, skip_experts, pad_heads, expert_parallel, strategy)
     summary = {"source": ckpt.source.source_id, "revision": ckpt.source.revision, "out": None, "tp": list(plan.tp),
                "engine": engine, "plan": plan_summary(plan)}
     if plan.blocked:
@@ -91,7 +94,10 @@ def pad(
     def render(console: Console) -> None:
         dims = ", ".join([f"{d.config_key or d.kind} {d.original} -> {d.padded}" for d in plan.changed_dims]
                          + ([f"heads {plan.heads.heads} -> {plan.heads.new_heads}"] if plan.heads else []))
-        console.print(f"padded {dims}: {result.padded_tensors} tensors in {len(result.shards)} shard(s), "
+        if plan.regroup is not None:
+            regrouped = f"regrouped group_size {plan.regroup.group_size} -> {plan.regroup.new_group_size}"
+            dims = f"{dims} and {regrouped}" if dims else regrouped
+        console.print(f"{'' if plan.regroup is not None and not plan.changed_dims else 'padded '}{dims}: {result.padded_tensors} tensors in {len(result.shards)} shard(s), "
                       f"{human_bytes(result.bytes_written)} in {result.seconds:.1f} s -> {result.out}")
         for name in result.skipped_files:
             console.print(f"  skipped {name} (non-safetensors weights would be stale copies)")

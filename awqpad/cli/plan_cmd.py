@@ -7,19 +7,21 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from awqpad.checkpoint.model import read_checkpoint
 from awqpad.cli.inspect_cmd import human_bytes
 from awqpad.cli.deploy_view import deploy_summary, render_deploy
 from awqpad.cli.options import (EngineOpt, ExpertParallelOpt, JsonOpt, PadHeadsOpt, QuietOpt, SkipExpertsOpt, SrcArg,
-                                TpOpt)
+                                StrategyOpt, TpOpt)
 from awqpad.cli.output import Output
 from awqpad.engines.launch import launch_command
 from awqpad.engines.profiles import DEFAULT_ENGINE, ENGINES, check_engine
 from awqpad.errors import BlockedError, InputError
 from awqpad.plan.deploy import KV_DTYPE_BYTES, parse_memory, plan_deployment
-from awqpad.plan.pad_plan import PadPlan, make_plan, plan_summary
+from awqpad.plan.pad_plan import PadPlan, plan_summary
+from awqpad.plan.strategy import DEFAULT_STRATEGY, check_strategy, plan_with_strategy
 from awqpad.source import resolve_source
 
 HELP = """Show what padding the given TP size(s) need on an engine, and what it costs (reads headers only).
@@ -38,6 +40,7 @@ def serve_command(engine: str, path: str, tp: int, expert_parallel: bool = False
 def next_commands(plan: PadPlan, src: str) -> dict:
     tps = " ".join(f"--tp {t}" for t in plan.tp)
     engine = ("" if plan.engine == DEFAULT_ENGINE else f" --engine {plan.engine}") + (" --pad-heads" if plan.pad_heads else "")
+    engine += "" if plan.strategy == DEFAULT_STRATEGY else f" --strategy {plan.strategy}"
     engine += " --expert-parallel" if plan.expert_parallel else ""
     local = Path(src)
     name = f"{local.name}-tp{max(plan.tp)}"
@@ -46,6 +49,18 @@ def next_commands(plan: PadPlan, src: str) -> dict:
         "pad": f"awqpad pad {src} {out_dir} {tps}{engine}" if plan.needs_padding else None,
         "serve": serve_command(plan.engine, out_dir if plan.needs_padding else src, max(plan.tp), plan.expert_parallel),
     }
+
+
+def render_candidates(plan: PadPlan, console: Console) -> None:
+    if len(plan.candidates) < 2:
+        return
+    table = Table(title=f"Candidates (--strategy {plan.strategy})", title_justify="left")
+    for col in ("", "candidate", "+% bytes", "+% FLOPs", "why not"):
+        table.add_column(col)
+    for c in plan.candidates:
+        table.add_row("[green]✓[/]" if c.chosen else "✗", c.name, f"{c.added_percent:.2f}", f"{c.added_flops_percent:.2f}",
+                      escape(c.rejected or "cheapest exact plan"))
+    console.print(table)
 
 
 def render(plan: PadPlan, summary: dict, console: Console) -> None:
@@ -74,8 +89,15 @@ def render(plan: PadPlan, summary: dict, console: Console) -> None:
                          human_bytes(d.added_bytes), f"{100 * d.added_fraction:.2f}")
         console.print(dims)
         console.print(f"  total: +{human_bytes(plan.added_bytes)} ({summary['added_percent']:.3f} % of {human_bytes(plan.total_bytes)})")
-    elif not plan.blocked:
+    if plan.regroup is not None:
+        rg = plan.regroup
+        console.print(f"Regroup: group_size {rg.group_size} -> {rg.new_group_size} in {rg.modules} linears "
+                      f"(+{human_bytes(rg.added_bytes)} of scales and zeros, +0 % FLOPs; every weight unchanged)")
+        if not changed:
+            console.print(f"  total: +{human_bytes(plan.added_bytes)} ({summary['added_percent']:.3f} % of {human_bytes(plan.total_bytes)})")
+    elif not changed and not plan.blocked:
         console.print("[green]No padding needed[/]: every requested TP already satisfies the rules.")
+    render_candidates(plan, console)
     if plan.heads is not None:
         console.print(f"  heads: {plan.heads.summary}")
     for note in plan.notes:
@@ -118,6 +140,7 @@ def plan(
     skip_experts: SkipExpertsOpt = False,
     pad_heads: PadHeadsOpt = False,
     expert_parallel: ExpertParallelOpt = False,
+    strategy: StrategyOpt = DEFAULT_STRATEGY,
     gpus: GpusOpt = None,
     gpu_memory: GpuMemoryOpt = None,
     nodes: NodesOpt = 1,
@@ -128,6 +151,7 @@ def plan(
     quiet: QuietOpt = False,
 ) -> None:
     check_engine(engine)
+    check_strategy(strategy)
     if not tp and gpus is None:
         raise InputError("give --tp N (which padding a TP size needs) or --gpus N (which layout to run on N GPUs)")
     if gpus is not None and (tp or pad_heads or skip_experts or expert_parallel):
@@ -150,7 +174,7 @@ def plan(
                                      max_model_len=max_model_len, kv_cache_dtype=kv_cache_dtype)
         out.result(deploy_summary(deployment), lambda console: render_deploy(deployment, console))
         return
-    result = make_plan(ckpt, tuple(tp), engine, skip_experts, pad_heads, expert_parallel)
+    result = plan_with_strategy(ckpt, tuple(tp), engine, skip_experts, pad_heads, expert_parallel, strategy)
     summary = plan_summary(result, tensors)
     if source.is_hub:
         out.info(f"fetched {human_bytes(source.fetched_bytes)} from the Hub (config, index, safetensors headers; no weights)")

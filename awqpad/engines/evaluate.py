@@ -41,6 +41,14 @@ class Violation:
         return "refused" if self.severity == "error" else "fallback"
 
 
+def group_sizes(rule: Rule) -> tuple[int, ...]:
+    """The group sizes a "group" rule accepts: "128" or "one-of(-1,32,64,128)"."""
+    spec = rule.multiple
+    if spec.startswith("one-of("):
+        return tuple(int(x) for x in spec[len("one-of(") : -1].split(","))
+    return (int(spec),)
+
+
 def multiple_of(rule: Rule, t: int, group: int | None, bits: int | None) -> int:
     g = group if group and group > 0 else 1
     spec = rule.multiple
@@ -134,8 +142,11 @@ def evaluate(ckpt: Checkpoint, engine: str, t: int, widths: dict[str, int] | Non
         elif q == "group":
             g = ckpt.group_size
             lin = next((lin for lin in ckpt.linears if lin.quantized), None)
-            if lin is not None and rule.covers(lin.format) and g is not None and g != int(rule.multiple):
-                result = fail(rule, g, int(rule.multiple), False, f"group size {g} is not {rule.multiple}")
+            accepted = group_sizes(rule)
+            if lin is not None and applies(rule, Subject(None, True, g, lin.bits, lin.format)) and g is not None \
+                    and g not in accepted:
+                shown = accepted[0] if len(accepted) == 1 else list(accepted)
+                result = fail(rule, g, shown, False, f"group size {g} is not {' or '.join(map(str, accepted))}")
         elif q.startswith("attn."):
             part = q.split(".")[1]
             subject = attn_subject(ckpt, part)

@@ -19,6 +19,9 @@ TGI = (
     Rule("dense-marlin-a", "dense.K_r", "128", TGI_MARLIN, "layers/marlin/gptq.py _check_valid_shape", True, any_of="tgi-marlin", formats=INT_FORMATS, path="marlin"),
     Rule("dense-marlin-b", "dense.N_r", "128", TGI_MARLIN, "layers/marlin/gptq.py _check_valid_shape", True, any_of="tgi-marlin", formats=INT_FORMATS, path="marlin"),
     Rule("attn-o-groups", "attn.K_r", "group", TGI_SHARD, "utils/weights.py get_sharded on o_proj scales", True, formats=INT_FORMATS, path="marlin"),
+    Rule("marlin-group", "group", "one-of(-1,32,64,128)", "GPTQ Marlin does not take group size {value} (GPTQ_MARLIN_GROUP_SIZES = {m}); using the ExLlama kernels",
+         "layers/marlin/gptq.py GPTQ_MARLIN_GROUP_SIZES, can_use_gptq_marlin", True, "fallback", formats=INT_FORMATS, path="marlin",
+         fallback_to="exllama"),
 )
 # TGI's Marlin rule is (K_r%128 and N_r%64) or (K_r%64 and N_r%128); with N_r = 2 K_r for gate_up the
 # second branch needs K_r % 64, the first K_r % 128. Encoded above as K_r%128 OR N_r%128 (N_r%128 <=> K_r%64).
@@ -46,4 +49,7 @@ TRTLLM = (
     Rule("dense-gate-up-64", "dense.N_r", "64", "Number of bytes for rows and cols must be a multiple of 32. However, num_col_bytes = {value}/2", "cpp cutlass_preprocessors.cpp", True, formats=INT_FORMATS, path="cutlass-w4a16"),
     Rule("shared-down-groups", "shared.K_r", "group", TRT_GROUPS, "tensorrt_llm/_torch/modules/linear.py", True, formats=INT_FORMATS, path="cutlass-w4a16"),
     Rule("expert-groups", "expert.K_r", "lcm(group,64)", TRT_GROUPS, "tensorrt_llm/_torch/modules/fused_moe", True, formats=INT_FORMATS, path="cutlass-moe-w4a16"),
+    # not re-read this session: the CUTLASS fpA_intB groupwise GEMM is instantiated for groups of 64 and 128
+    Rule("cutlass-group", "group", "one-of(64,128)", "W4A16 group size {value} is not supported (the CUTLASS fpA_intB kernels take {m})",
+         "cpp/tensorrt_llm/kernels/cutlass_kernels/fpA_intB_gemm (group sizes 64, 128)", True, formats=INT_FORMATS, path="cutlass-w4a16"),
 )

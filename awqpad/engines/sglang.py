@@ -8,11 +8,11 @@ AWQ ones, a conservative guess (../shared/reference/engine-constraints.md sectio
 from __future__ import annotations
 
 from awqpad.engines.rules import AWQ_IN, INT_FORMATS, MARLIN_K, MARLIN_N, Rule
-from awqpad.engines.vllm import COMMON
+from awqpad.engines.vllm import COMMON, MARLIN_GROUPS
 
 MOE_FALLBACK = "Layer '<prefix>.mlp.experts' is not supported by AWQMoeMarlin. Falling back to Moe WNA16 kernels. (per-rank expert width {value} is not a multiple of {m})"
 
-SGLANG = COMMON + tuple(
+SGLANG = COMMON + MARLIN_GROUPS + tuple(  # marlin_utils.py copies MARLIN_SUPPORTED_GROUP_SIZES
     rule
     for kind in ("dense", "shared")
     for rule in (

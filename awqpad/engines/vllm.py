@@ -101,14 +101,26 @@ CT_MOE_CLASSIC = (
          True, "fallback", formats=(CT_INT,), path="moe-marlin", fallback_to="ct-wna16-triton"),
 )
 
-VLLM = COMMON + _dense_classic("dense") + _dense_classic("shared") + CT_MOE_CLASSIC + (
+# Group sizes the fast kernels take. Marlin: quantization/utils/marlin_utils.py MARLIN_SUPPORTED_GROUP_SIZES
+# = [-1, 32, 64, 128] (linear and MoE). Machete (Hopper, GPTQ/CT dense, tried before Marlin) takes
+# [-1, 64, 128] for fp16/bf16 activations (utils/machete_utils.py query_machete_supported_group_sizes; the
+# research note said [-1, 128], which is its list for other activation types); Marlin takes what it refuses.
+# Off Marlin: AWQ -> AutoAWQLinearMethod / MoeWNA16, GPTQ/CT -> Exllama / Triton (slower).
+MARLIN_GROUPS = (
+    Rule("marlin-group", "group", "one-of(-1,32,64,128)",
+         "Marlin does not support group_size = {value}. Only group_sizes = [-1, 32, 64, 128] are supported.",
+         "quantization/utils/marlin_utils.py _check_marlin_supported (MARLIN_SUPPORTED_GROUP_SIZES)", True, "fallback",
+         formats=INT_FORMATS, path="marlin", fallback_to="awq / exllama / moe-wna16"),
+)
+
+VLLM = COMMON + MARLIN_GROUPS + _dense_classic("dense") + _dense_classic("shared") + CT_MOE_CLASSIC + (
     Rule("attn-o-groups", "attn.K_r", "lcm(group,128)", MARLIN_K, "marlin_utils.py verify_marlin_supports_shape on o_proj", True,
          formats=INT_FORMATS, path="marlin"),
     Rule("attn-qkv-marlin-n", "attn.N_r", "64", MARLIN_N, "marlin_utils.py verify_marlin_supports_shape on qkv_proj", True,
          formats=INT_FORMATS, path="marlin"),
 ) + _moe_rows("max(64,group)", "AWQMoeMarlin", "GPTQMoeMarlin", "utils/marlin_utils.py check_moe_marlin_supports_layer")
 
-VLLM_LATEST = COMMON + _dense_latest("dense") + _dense_latest("shared") + (
+VLLM_LATEST = COMMON + MARLIN_GROUPS + _dense_latest("dense") + _dense_latest("shared") + (
     Rule("dense-gate-up-pack", "dense.N_r", "pack", AWQ_OUT, "auto_awq.py AutoAWQLinearMethod.create_weights", True,
          formats=(AWQ,), path="awq"),
     Rule("attn-o-groups", "attn.K_r", "group", AWQ_IN, "auto_awq.py AutoAWQLinearMethod.create_weights on o_proj", True,

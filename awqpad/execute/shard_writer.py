@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from awqpad.errors import InputError, OutputError
-from awqpad.checkpoint.formats.base import Fill, TensorOp, fill_bytes
+from awqpad.checkpoint.formats.base import regroup_ids, Fill, TensorOp, fill_bytes
 from awqpad.checkpoint.header import ShardHeader, TensorInfo, encode_header, tensor_nbytes
 from awqpad.execute.tensor_io import ARRAY_DTYPES, RAW_DTYPES, itemsize, pread_exact
 
@@ -158,6 +158,8 @@ def write_shard(src_root: Path, header: ShardHeader, ops: dict[str, TensorOp], o
                     raise Cancelled(header.filename)
                 if op is None:
                     writer.copy_from(fd, info.begin, info.nbytes, f"{header.filename}: {info.name}")
+                elif op.regroup > 1 and op.replace is None:
+                    _write_regrouped(writer, fd, info, op)
                 elif op.replace is not None:
                     writer.write(np.array(op.replace, dtype=ARRAY_DTYPES[info.dtype]).astype(np.dtype(ARRAY_DTYPES[info.dtype]).newbyteorder("<")).tobytes())
                 else:
@@ -246,3 +248,32 @@ def _write_repeated(writer: ShardWriter, fill: np.ndarray) -> None:
     step = max(1, BLOCK_BYTES // fill.itemsize)
     for start in range(0, fill.shape[0], step):
         writer.write(np.ascontiguousarray(fill[start : start + step]))
+
+
+def _write_regrouped(writer: ShardWriter, fd: int, info: TensorInfo, op: TensorOp) -> None:
+    """A per-group tensor (scales, zeros, g_idx) with every group split into op.regroup, then padded.
+
+    These tensors hold one row per group: a few MB at most, read whole (the weights they describe are
+    copied untouched)."""
+    if tuple(info.shape) != tuple(op.old_shape) or info.dtype != op.dtype:
+        raise InputError(f"{info.name}: plan expects {op.dtype}{list(op.old_shape)} but the shard has {info.dtype}{list(info.shape)}")
+    raw = np.dtype(RAW_DTYPES[itemsize(info.dtype)]).newbyteorder("<")
+    data = pread_exact(fd, info.nbytes, info.begin, f"{info.shard}: {info.name}")
+    if op.regroup_kind == "ids":
+        typed = np.frombuffer(data, dtype=np.dtype(ARRAY_DTYPES[info.dtype]).newbyteorder("<"))
+        arr = regroup_ids(typed, op.regroup).astype(typed.dtype).view(raw).reshape(info.shape)
+    else:
+        arr = np.repeat(np.frombuffer(data, dtype=raw).reshape(info.shape), op.regroup, axis=op.regroup_axis)
+    moved = np.moveaxis(arr, op.axis, 0)
+    inner = moved.shape[1:]
+    pieces, cursor = [], 0
+    for ins in sorted(op.inserts, key=lambda i: i.at):
+        pieces.append(moved[cursor : ins.at])
+        fill = _fill_array(ins.fill, info.dtype, ins.count * math.prod(inner))
+        pieces.append(np.asarray(fill).reshape((ins.count,) + inner))
+        cursor = ins.at
+    pieces.append(moved[cursor:])
+    out = np.moveaxis(np.concatenate(pieces, axis=0), 0, op.axis)
+    if tuple(out.shape) != tuple(op.new_shape):
+        raise InputError(f"{info.name}: regrouped to {list(out.shape)}, plan says {list(op.new_shape)}")
+    writer.write(np.ascontiguousarray(out))

@@ -21,6 +21,7 @@ from awqpad.engines.nvfp4_rules import engine_rules
 from awqpad.engines.profiles import ENGINE_NOTES, engines_for
 from awqpad.errors import UnsupportedError
 from awqpad.checkpoint.formats.base import Fill, LogicalInsert, TensorOp, make_op
+from awqpad.plan.regroup import RegroupChange
 from awqpad.plan.heads import HeadBlocker, HeadPlan, plan_heads
 from awqpad.engines.evaluate import (HEAD_RULES, KIND_LABEL, MLP_KINDS, Violation, applies, constraint, evaluate,
                                      evaluate_with_heads, mlp_subject)
@@ -81,9 +82,13 @@ class PadPlan:
     pad_heads: bool = False
     heads: "HeadPlan | None" = None  # attention-head padding (--pad-heads), when it changes anything
     expert_parallel: bool = False  # experts spread whole over the ranks (not TP-split)
+    strategy: str = "pad"  # pad | regroup | auto (plan/strategy.py)
+    regroup: "RegroupChange | None" = None  # groups split into smaller ones (plan/regroup.py)
+    candidates: tuple = ()  # strategy.Candidate rows considered, the chosen one first
 
     @property
     def needs_padding(self) -> bool:
+        """The checkpoint must be rewritten (padded and/or regrouped)."""
         return bool(self.ops)
 
     @property
@@ -387,6 +392,9 @@ def plan_summary(plan: PadPlan, with_tensors: bool = False) -> dict:
         "notes": list(plan.notes),
         "pad_heads": plan.pad_heads,
         "expert_parallel": plan.expert_parallel,
+        "strategy": plan.strategy,
+        "regroup": None if plan.regroup is None else to_data(plan.regroup),
+        "candidates": to_data(plan.candidates),
         "heads": None if hp is None else {
             "strategy": hp.strategy, "original": hp.heads, "padded": hp.new_heads, "kv_original": hp.kv_heads,
             "kv_padded": hp.new_kv_heads, "head_dim": hp.head_dim, "zero_heads": list(hp.zero_heads),

@@ -95,3 +95,8 @@ def dequantize(arrays: dict, linear, reader: str = "awq") -> np.ndarray:
     group_of_row = np.arange(k) // (k // s.shape[0])
     wt = (q - z[group_of_row]).astype(np.float64) * s[group_of_row]
     return wt.T
+
+
+# Regrouping: the tensors that hold one row (or column) per group, and the group-id tensor.
+GROUP_AXES = {"qzeros": 0, "scales": 0}
+GROUP_IDS = None

@@ -49,6 +49,12 @@ class TensorOp:
     axis: int
     inserts: tuple[Insert, ...] = ()
     replace: tuple[int, ...] | None = None  # new values of a tiny metadata tensor (CT weight_shape)
+    # Regrouping (applied first, then the inserts): every group of `regroup_axis` is split into `regroup`
+    # groups. "repeat": scale / zero rows repeated (np.repeat); "ids": a g_idx, each group's members split in
+    # order into `regroup` fresh groups r*g + i. old_shape is the source shape; inserts are in regrouped units.
+    regroup: int = 1
+    regroup_axis: int = 0
+    regroup_kind: str = "repeat"  # repeat | ids
 
 
 @dataclass(frozen=True)
@@ -159,3 +165,40 @@ class Geometry:
     group_size: int | None = None  # -1: one group over the whole input (per-channel)
     groups: int | None = None
     notes: tuple[str, ...] = field(default=())
+
+
+# --- regrouping: split every quantization group into r smaller ones (weights untouched) ----------
+
+
+def regroup_ids(g_idx: np.ndarray, r: int) -> np.ndarray:
+    """Each group's members, in input order, split into r consecutive fresh groups: r*g + rank // (n/r).
+
+    For positional groups (g_idx = k // g) this is k // (g/r); for act-order it splits whichever rows a
+    group holds. Every group must hold a multiple of r members (the plan checks whole groups)."""
+    g_idx = g_idx.astype(np.int64)
+    order = np.argsort(g_idx, kind="stable")
+    counts = np.bincount(g_idx)
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    rank = np.empty_like(g_idx)
+    rank[order] = np.arange(g_idx.size) - starts[g_idx[order]]
+    size = counts[g_idx] // r
+    if np.any(counts[counts > 0] % r):
+        raise UnsupportedError(f"a group's members do not split into {r} equal parts")
+    return r * g_idx + rank // size
+
+
+def regroup_ops(linear, r: int, axes: dict[str, int], ids: str | None) -> list[TensorOp]:
+    """TensorOps splitting every group of `linear` into r: tensors in `axes` repeat rows along their group
+    axis; the g_idx tensor `ids` (if present) gets fresh ids."""
+    ops = []
+    for part, axis in axes.items():
+        info = linear.parts.get(part)
+        if info is None:
+            continue
+        shape = list(info.shape)
+        shape[axis] *= r
+        ops.append(TensorOp(info.name, info.dtype, tuple(info.shape), tuple(shape), axis, (), None, r, axis, "repeat"))
+    info = linear.parts.get(ids) if ids else None
+    if info is not None:
+        ops.append(TensorOp(info.name, info.dtype, tuple(info.shape), tuple(info.shape), 0, (), None, r, 0, "ids"))
+    return ops

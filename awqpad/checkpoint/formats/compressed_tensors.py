@@ -120,3 +120,8 @@ def dequantize(arrays: dict, linear, reader: str = "ct") -> np.ndarray:
         zp = unpack_words(arrays["weight_zero_point"], bits, 0)[: q.shape[0]] - mid  # [N, G]
         w = w - zp[:, gi]
     return w * s[:, gi]
+
+
+# Regrouping: the tensors that hold one row (or column) per group, and the group-id tensor.
+GROUP_AXES = {"weight_scale": 1, "weight_zero_point": 1}
+GROUP_IDS = "weight_g_idx"

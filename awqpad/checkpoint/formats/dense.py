@@ -45,3 +45,7 @@ def pad_ops(linear, axis: str, inserts) -> list:
 
 def dequantize(arrays: dict, linear, reader: str = "dense") -> np.ndarray:
     return to_float64(arrays["weight"], linear.parts["weight"].dtype)
+
+
+GROUP_AXES: dict = {}
+GROUP_IDS = None

@@ -155,3 +155,8 @@ def dequantize(arrays: dict, linear, reader: str) -> np.ndarray:
             raise ValueError(reader)
     wt = (q - z[gi]).astype(np.float64) * s[gi]
     return wt.T
+
+
+# Regrouping: the tensors that hold one row (or column) per group, and the group-id tensor.
+GROUP_AXES = {"qzeros": 0, "scales": 0}
+GROUP_IDS = "g_idx"
