@@ -191,3 +191,49 @@ def test_regroup_then_pad_writes_both_exactly(tmp_path):
             else:
                 assert np.array_equal(w, ref), (name, prefix)
         assert not evaluate(read_checkpoint(resolve_source(str(out))), "vllm-latest", 8)
+
+
+# --- verify proves a regrouped checkpoint like a padded one ---------------------------------------
+
+def verify_json(*args):
+    done = subprocess.run([sys.executable, "-m", "awqpad", "verify", *map(str, args), "--json"], capture_output=True, text=True)
+    return done.returncode, json.loads(done.stdout) if done.stdout.strip() else {}, done.stderr
+
+
+def check(report, name):
+    return next(c for c in report["checks"] if c["name"] == name)
+
+
+@pytest.mark.parametrize("case", ["awq", "gptq-act-order", "gptq-v2-asym", "ct-asym-act-order", "moe-qwen2-awq"])
+def test_verify_passes_on_regrouped_outputs_and_catches_a_changed_child_group(tmp_path, case):
+    model, quant = CASES[case]
+    src, out = tmp_path / "src", tmp_path / "out"
+    build_checkpoint(src, model, quant, shards=2, seed=4)
+    pad_cli(src, out, "--strategy", "regroup")
+    code, report, err = verify_json(src, out, "--tp", 2, "--engine", "vllm-latest")
+    assert code == 0, ([c for c in report.get("checks", []) if not c["ok"]], err)
+    rg = check(report, "regroup")
+    assert rg["ok"] and rg["figures"]["tensors"] > 0 and rg["figures"]["linears_compared"] > 0  # it compared something
+    assert check(report, "function TP=2")["ok"]
+    # one child group's scale no longer equals its parent's: the function changes and verify says where
+    from tests.test_verify import edit
+
+    scale = next(n for n in load_tensors(out) if n.endswith((".mlp.down_proj.scales", ".mlp.down_proj.weight_scale",
+                                                             ".experts.0.down_proj.scales")))
+    edit(out, scale, lambda a: a.reshape(-1).__setitem__(1, a.reshape(-1)[0] * 2 + 1))
+    code, report, _ = verify_json(src, out, "--tp", 2, "--engine", "vllm-latest")
+    assert code == 1
+    assert not check(report, "regroup")["ok"] and scale in check(report, "regroup")["detail"]
+
+
+def test_verify_catches_a_g_idx_moved_to_another_parent(tmp_path):
+    model, quant = CASES["gptq-act-order"]
+    src, out = tmp_path / "src", tmp_path / "out"
+    build_checkpoint(src, model, quant, shards=2, seed=6)
+    pad_cli(src, out, "--strategy", "regroup")
+    from tests.test_verify import edit
+
+    name = "model.layers.0.mlp.down_proj.g_idx"
+    edit(out, name, lambda a: a.__setitem__(0, (a[0] + 2) % a.max()))
+    code, report, _ = verify_json(src, out, "--tp", 2, "--engine", "vllm-latest")
+    assert code == 1 and name in check(report, "regroup")["detail"]

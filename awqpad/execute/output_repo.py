@@ -319,6 +319,7 @@ def provenance(ckpt: Checkpoint, plan: PadPlan, out_dir: Path | None = None) -> 
         "skip_experts": plan.skip_experts,
         "expert_parallel": plan.expert_parallel,
         "pad_heads": plan.pad_heads,
+        "strategy": plan.strategy,
         "plan": plan_summary(plan),
         "ops": to_data(plan.ops),
     }

@@ -54,6 +54,10 @@ def check_bytes(ctx: VerifyContext) -> list[Check]:
         s_info = src.tensors.get(name) if src is not None else None
         if s_info is not None and (tuple(s_info.shape) != tuple(op.old_shape) or s_info.dtype != op.dtype):
             s_info = None  # reported by tensors
+        if op.regroup > 1:
+            s_info = None  # not SRC's bytes but SRC's groups split: the `regroup` check compares them
+            if not op.inserts:
+                continue
         jobs.append(("padded", (info, op, s_info)))
     unchanged = []
     if src is not None:
@@ -98,12 +102,15 @@ def check_bytes(ctx: VerifyContext) -> list[Check]:
                         entry[0] = min(entry[0], first)
                         entry[1] += count
     figures = {"tensors": len(ops), "bytes": padded_bytes, "threads": THREADS}
+    regrouped = sum(1 for op in ops.values() if op.regroup > 1)
+    filled = len(ops) - sum(1 for op in ops.values() if op.regroup > 1 and not op.inserts)
     checks = [make_check("pad-fill", fill_problems,
-                         f"all inserted elements of {len(ops)} padded tensors hold the recorded fill", figures, started)]
+                         f"all inserted elements of {filled} padded tensors hold the recorded fill", figures, started)]
     if src is None:
         return checks
+    split = f" ({regrouped} regrouped tensors: see regroup)" if regrouped else ""
     checks.append(make_check("bytes-original", orig_problems,
-                             f"the original region of all {len(ops)} padded tensors is byte-identical to SRC",
+                             f"the original region of all {len(ops) - regrouped} padded tensors is byte-identical to SRC{split}",
                              {"tensors": len(ops)}))
     nbytes = sum(src.tensors[n].nbytes for n in unchanged)
     diffs = [f"{name} differs from SRC at byte {first} of {length} ({count} byte(s) differ); pad should have "

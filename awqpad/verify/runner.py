@@ -21,6 +21,8 @@ exits. Checks (in report order; "SRC" = only when the source is given):
   bytes-unchanged SRC  every tensor pad did not touch is byte-identical to SRC (streamed compare)
   zeros             every padded row / column of every padded linear dequantizes to exactly 0.0
                     under every reader variant of its format
+  regroup           regrouped checkpoints: every new group's scale / zero is its parent's, g_idx children of
+                    the old groups (SRC); first and last layer dequantize bit-identically under every reader
   function TP=t SRC    selected MLP blocks (first, middle, last layer; for MoE three experts per layer
                     and the shared expert): OUT sharded per rank as vLLM shards it, run in float64 and
                     all-reduced, vs the unpadded unsharded SRC block (fails above 1e-9 relative).
@@ -48,7 +50,7 @@ from awqpad.checkpoint.model import read_checkpoint
 from awqpad.engines.profiles import ENGINE_CHOICES, engines_for
 from awqpad.errors import InputError
 from awqpad.source import Source
-from awqpad.verify import bytewise, consistency, fills, function, sharding, structure
+from awqpad.verify import bytewise, consistency, fills, function, regrouped, sharding, structure
 from awqpad.verify.context import Check, Progress, VerifyContext, VerifyReport, null_progress
 from awqpad.verify.structure import PROVENANCE
 
@@ -77,6 +79,7 @@ CHECKS: tuple[Entry, ...] = (
     Entry(per_tp(sharding.check_rules, sharding.check_shards), ("out",)),
     Entry(bytewise.check_bytes, ("out", "ops")),  # pad-fill, bytes-original, bytes-unchanged
     Entry(fills.check_zeros, ("out", "ops")),
+    Entry(regrouped.check_regroup, ("out", "ops")),  # regrouped scales / zeros / g_idx = SRC's groups split
     Entry(function.check_function, ("out", "src")),  # function TP=t, before TP=t
     Entry(function.check_attention, ("out",)),  # attn-shards TP=t, attention
 )

@@ -52,7 +52,9 @@ def ops_from_record(data: dict) -> tuple[TensorOp, ...]:
             replace = item.get("replace")
             ops.append(TensorOp(str(item["tensor"]), str(item["dtype"]), tuple(map(int, item["old_shape"])),
                                 tuple(map(int, item["new_shape"])), int(item["axis"]), inserts,
-                                tuple(map(int, replace)) if replace is not None else None))
+                                tuple(map(int, replace)) if replace is not None else None,
+                                int(item.get("regroup", 1)), int(item.get("regroup_axis", 0)),
+                                str(item.get("regroup_kind", "repeat"))))
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"has a malformed op ({exc.__class__.__name__}: {exc})")
     return tuple(ops)
@@ -67,12 +69,13 @@ def expected_ops(src: Checkpoint, out: Checkpoint, record: dict | None) -> tuple
     OUT's widths, which speak for MLP tensors only.
     """
     from awqpad import __version__
-    from awqpad.plan.pad_plan import make_plan
+    from awqpad.plan.strategy import STRATEGIES, plan_with_strategy
 
     if (record is not None and record.get("awqpad_version") == __version__ and record.get("engine") in ENGINE_CHOICES
             and isinstance(record.get("tp"), list) and record["tp"] and all(isinstance(t, int) and t > 0 for t in record["tp"])):
-        plan = make_plan(src, tuple(record["tp"]), record["engine"], bool(record.get("skip_experts")),
-                         bool(record.get("pad_heads")), record.get("expert_parallel") is True)
+        strategy = record.get("strategy") if record.get("strategy") in STRATEGIES else "pad"
+        plan = plan_with_strategy(src, tuple(record["tp"]), record["engine"], bool(record.get("skip_experts")),
+                                  bool(record.get("pad_heads")), record.get("expert_parallel") is True, strategy)
         return plan.ops, True
     return derive_ops(src, out), False
 
