@@ -2,18 +2,23 @@
 
     python vllm_driver.py run --model DIR --tp N --out RESULT.json
     python vllm_driver.py compare REF.json OTHER.json [--tol 0.01]
+    python vllm_driver.py judge --ref R.json --padded P.json --control-tp1 C1.json --control C.json \
+        --fp64 F.json --control-fp64 CF.json [--tol 0.01] [--drift-factor 2]
 
 `run` starts vLLM's offline engine (CPU, gloo, dtype float16, enforce_eager, greedy) on fixed
 token-id prompts (the test checkpoints have no real tokenizer) and writes the generated token ids and
 per-step log-probs. `compare` exits 0 iff the greedy tokens are identical (a later step may differ
 only where both runs rank the two picks within --tol: a float16 tie) and the first-step log-probs
-(chosen token and the shared top-k) differ by at most --tol.
+(chosen token and the shared top-k) differ by at most --tol. `judge` (scripts/e2e_vllm_cpu_formats.sh)
+measures vLLM's own TP drift on a control model that needs no padding and allows the padded run that
+much (see `judge`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -157,6 +162,67 @@ def compare(ref: dict, other: dict, tol: float) -> tuple[bool, str]:
     return ok, summary
 
 
+def first_step_gap(a: dict, b: dict) -> float:
+    """Largest first-step |log-prob difference| over all prompts (chosen token when both pick it, and
+    every token in both top-k lists); inf where there is nothing to compare."""
+    if not a["prompts"] or len(a["prompts"]) != len(b["prompts"]):
+        return float("inf")
+    gap = 0.0
+    for pa, pb in zip(a["prompts"], b["prompts"]):
+        if not pa["steps"] or not pb["steps"]:
+            return float("inf")
+        sa, sb = pa["steps"][0], pb["steps"][0]
+        shared = set(sa["top"]) & set(sb["top"])
+        if not shared:
+            return float("inf")
+        gap = max(gap, max(abs(sa["top"][t] - sb["top"][t]) for t in shared))
+        if sa["token"] == sb["token"]:
+            gap = max(gap, abs(sa["logprob"] - sb["logprob"]))
+    return gap
+
+
+def judge(ref: dict, padded: dict, control_tp1: dict, control: dict, fp64: dict, control_fp64: dict,
+          tol: float, drift_factor: float = 2.0) -> tuple[bool, str]:
+    """A padded checkpoint at TP n (`padded`) against the unpadded one at TP 1 (`ref`), allowing vLLM's
+    own TP drift, measured on a control model of the same format that needs no padding (`control_tp1`
+    vs `control` at TP n >= the padded run's; `fp64` / `control_fp64`: float64 references of the
+    unpadded model and of the control). With gap = first_step_gap:
+
+        drift = gap(control_tp1, control)                     allow = tol + drift_factor * drift
+        1. compare(ref, padded, allow) passes: greedy tokens identical (a later flip only as a tie
+           within `allow`) and first-step gap within `allow`;
+        2. gap(fp64, padded) - gap(fp64, ref) <= tol + drift_factor * |gap(control_fp64, control) -
+           gap(control_fp64, control_tp1)|: padding moves vLLM no further from the exact function than
+           going to TP n moves the control from its own.
+
+    Anything not compared (no prompts, no steps, no shared top-k) is a failure."""
+    drift = first_step_gap(control_tp1, control)
+    err_ref, err_pad = first_step_gap(fp64, ref), first_step_gap(fp64, padded)
+    c1, cn = first_step_gap(control_fp64, control_tp1), first_step_gap(control_fp64, control)
+    if not all(math.isfinite(x) for x in (drift, err_ref, err_pad, c1, cn)):
+        return False, (f"nothing to compare (control drift {drift}, fp64 gaps {err_ref} / {err_pad} / "
+                       f"{c1} / {cn}): empty or mismatched results")
+    allow = tol + drift_factor * drift
+    allow64 = tol + drift_factor * abs(cn - c1)
+    ok, line = compare(ref, padded, allow)
+    near = err_pad - err_ref <= allow64
+    summary = (f"control drift tp1->tp{control['tp']} {drift:.4f} -> allowance {allow:.4f}; vs unpadded tp1: "
+               f"{line}; vs fp64: padded {err_pad:.4f}, unpadded {err_ref:.4f} (control {c1:.4f} -> {cn:.4f}, "
+               f"allowance {allow64:.4f})"
+               f"{'' if near else f'; padded is {err_pad - err_ref:.4f} further from fp64, > {allow64:.4f}'}")
+    return ok and near, summary
+
+
+def cmd_judge(args: argparse.Namespace) -> int:
+    docs = {}
+    for key in ("ref", "padded", "control_tp1", "control", "fp64", "control_fp64"):
+        with open(getattr(args, key)) as fh:
+            docs[key] = json.load(fh)
+    ok, summary = judge(**docs, tol=args.tol, drift_factor=args.drift_factor)
+    print(summary)
+    return 0 if ok else 1
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     with open(args.ref) as fh:
         ref = json.load(fh)
@@ -179,8 +245,13 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("ref")
     c.add_argument("other")
     c.add_argument("--tol", type=float, default=0.01)
+    j = sub.add_parser("judge")
+    for key in ("ref", "padded", "control-tp1", "control", "fp64", "control-fp64"):
+        j.add_argument(f"--{key}", required=True)
+    j.add_argument("--tol", type=float, default=0.01)
+    j.add_argument("--drift-factor", type=float, default=2.0)
     args = p.parse_args(argv)
-    return cmd_run(args) if args.cmd == "run" else cmd_compare(args)
+    return {"run": cmd_run, "compare": cmd_compare, "judge": cmd_judge}[args.cmd](args)
 
 
 if __name__ == "__main__":
