@@ -64,7 +64,8 @@ pipq "$VPY" install -q --no-deps --force-reinstall --no-build-isolation "$PLUGIN
 rm -rf "$PLUGIN_SRC"
 export AWQPAD_CPU_QUANT_FALLBACK=1
 
-# 2. checkpoints (project env): made by the test factories, padded and verified by awqpad
+# 2. checkpoints (project env): made by the test factories, planned and padded by awqpad (its own
+#    `verify` of these formats is tested in the pytest suite; this script asks only the engine)
 rm -rf "$WORK"
 mkdir -p "$WORK"
 "$PY" - "$ROOT" "$WORK" "$FORMATS" <<'EOF'
@@ -98,7 +99,6 @@ for f in $FORMATS; do
   case $f in
     fp8-block|nvfp4)
       "$PY" -m awqpad pad "$WORK/$f" "$WORK/$f-padded" --tp 2 --tp 4 -q
-      "$PY" -m awqpad verify "$WORK/$f" "$WORK/$f-padded" --tp 2 --tp 4 -q
       log "$f: intermediate_size $(width "$WORK/$f") -> $(width "$WORK/$f-padded")"
       # the control must need no padding at TP 4 (else it measures nothing but padding)
       plan_clean "$WORK/$f-control" || fail "$f control: awqpad plan says it needs padding at TP 2/4"
