@@ -68,6 +68,16 @@ pipq "$VPY" install -q --no-deps --force-reinstall --no-build-isolation "$PLUGIN
 rm -rf "$PLUGIN_SRC"
 export AWQPAD_CPU_QUANT_FALLBACK=1
 
+# Block-FP8 support (awqpad's format and tests/fp8_factory.py) may land after this script: until then
+# the FP8 formats are skipped with a SKIP line (never silently; and a run that compares nothing fails).
+declare -a SKIPS=()
+if [[ ! -f "$ROOT/tests/fp8_factory.py" ]]; then
+  for f in fp8-block ct-fp8-channel; do
+    if [[ " $FORMATS " == *" $f "* ]]; then SKIPS+=("SKIP  $f: tests/fp8_factory.py is not in this tree (FP8 support not landed)"); fi
+  done
+  FORMATS="$(printf '%s\n' $FORMATS | grep -v -x -e fp8-block -e ct-fp8-channel | paste -sd' ' - || true)"
+fi
+
 # 2. checkpoints (project env): made by the test factories, planned and padded by awqpad (its own
 #    `verify` of these formats is tested in the pytest suite; this script asks only the engine)
 rm -rf "$WORK"
@@ -228,10 +238,10 @@ for f in $FORMATS; do
 done
 
 echo
-echo "=== vLLM CPU end-to-end, FP8/FP4 formats ($FORMATS): padded TP 2/4 vs unpadded TP 1, allowance from a no-padding control's TP drift ==="
+echo "=== vLLM CPU end-to-end, FP8/FP4 formats ($FORMATS): padded TP $PADDED_TPS vs unpadded TP 1, allowance from a no-padding control's TP drift ==="
 grep -h -o 'awqpad-cpu-quant-fallback pid=[0-9]*\] mode: .*' "$WORK"/*.log 2>/dev/null | sed 's/pid=[0-9]*\] //' | sort -u || true
 grep -h -o 'Selected [A-Za-z0-9]* for [A-Za-z0-9]*\|Using [A-Za-z0-9]*Kernel for NVFP4 GEMM' "$WORK"/*.log 2>/dev/null | sort -u || true
-for r in "${RESULTS[@]}"; do echo "$r"; done
+for r in "${SKIPS[@]}" "${RESULTS[@]}"; do echo "$r"; done
 npass=$(printf '%s\n' "${RESULTS[@]}" | grep -c '^PASS' || true)
 nfail=$(printf '%s\n' "${RESULTS[@]}" | grep -c '^FAIL' || true)
 echo "total time $((SECONDS - T0)) s; logs and results in $WORK"

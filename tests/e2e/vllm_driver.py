@@ -150,13 +150,13 @@ def compare(ref: dict, other: dict, tol: float) -> tuple[bool, str]:
             break
     if max_first > tol:
         ok = False
-        notes.append(f"first-step log-prob diff {max_first:.4f} > {tol}")
+        notes.append(f"first-step log-prob diff {max_first:.4f} > {tol:.4g}")
     same = not any("tokens differ" in n for n in notes)
     summary = (f"tokens {'identical' if same and not ties else 'identical up to ties' if same else 'DIFFER'}, "
-               f"first-step |dlogprob| max {max_first:.4f} (tol {tol}), matching steps {max_all:.4f}; "
+               f"first-step |dlogprob| max {max_first:.4f} (tol {tol:.4g}), matching steps {max_all:.4f}; "
                f"tp={other['tp']} load {other['load_s']}s gen {other['generate_s']}s")
     if ties:
-        summary += "; float16 ties (not compared further): " + "; ".join(ties)
+        summary += "; ties at the run's dtype (not compared further): " + "; ".join(ties)
     if notes:
         summary += "; " + "; ".join(notes)
     return ok, summary
