@@ -28,6 +28,9 @@
 #   tests/e2e/vllm_cpu_quant_fallback (AWQPAD_CPU_QUANT_FALLBACK=1) supplies "dequantize the rank's
 #   shard, then matmul" for block-FP8 and registers vLLM's own EmulationNvFp4LinearKernel for NVFP4.
 #   int4 MoE is not run: see README "Third-party checks".
+#   STATUS: on tests/factory_fp4.py's checkpoint vLLM's NVFP4 emulation gives NaN log-probs already for
+#   the UNPADDED model at TP 1 (see README); until that is traced, nvfp4 fails here, so this script
+#   is not in .ci/run yet.
 #
 # The rule (tests/e2e/vllm_driver.py `judge`, pinned by tests/test_e2e_compare.py). vLLM at TP > 1 is
 # not bit-identical to TP 1 even without padding (other reduction order; W8A8 quantizes each rank's
