@@ -14,9 +14,8 @@ from hypothesis import strategies as st
 
 from awqpad.checkpoint.model import read_checkpoint
 from awqpad.cli import main
-from awqpad.engines.evaluate import evaluate
 from awqpad.plan.deploy import Layout, candidate_layouts, parse_memory, plan_deployment, rank_key, stage_layers
-from awqpad.plan.pad_plan import make_plan
+from awqpad.plan.strategy import plan_with_strategy
 from awqpad.source import resolve_source
 from tests.factory import Model, Quant, build_checkpoint
 
@@ -97,19 +96,21 @@ def test_qwen3_30b_a3b_awq_on_four_24gb_gpus(q30):
     plan = plan_deployment(q30, 4, gpu_memory=parse_memory("24GB"), engine="vllm")
     tp4 = _row(plan, "TP 4")
     ep = _row(plan, "TP 4 + EP")
-    # TP 4 splits 768-wide experts into 192 = 1.5 groups: padding to 1024 (+33 % of expert weights)
-    assert tp4.needs == "pad" and "768 -> 1024" in tp4.reason
+    # TP 4 splits 768-wide experts into 192 = 1.5 groups of 128 = 3 groups of 64: regrouping to g64 (+scales
+    # only) beats padding to 1024 (+33 % of expert weights); the pad-only layout is what --strategy pad prices
+    assert tp4.needs == "regroup" and tp4.reason == "group size 128 -> 64" and tp4.added_flops_percent == 0
     # with expert parallelism the experts stay whole: nothing to do
     assert ep.needs == "nothing" and ep.pad_command is None
     assert ep.launch.endswith("--tensor-parallel-size 4 --enable-expert-parallel")
-    # experts are 128 x 3 AWQ linears of 2048 x 768 per layer: EP puts 32 whole experts on each GPU,
-    # TP puts a quarter of each padded (1024-wide) expert on each: 1024/768 more expert bytes
-    expert = 2 * awq_bytes(2048, 768) + awq_bytes(768, 2048)
-    padded = 2 * awq_bytes(2048, 1024) + awq_bytes(1024, 2048)
-    assert tp4.weight_bytes_per_gpu - ep.weight_bytes_per_gpu == 48 * 128 * (padded - expert) // 4
-    assert tp4.added_bytes_per_gpu == 48 * 128 * (padded - expert) // 4
+    # regrouping adds only qzeros/scales rows: every AWQ linear of the 48 layers (q 2048x4096, k/v 2048x512,
+    # o 4096x2048, 128 experts of gate/up 2048x768 and down 768x2048) at g64 instead of g128, a quarter per GPU
+    shapes = [(2048, 4096), (2048, 512), (2048, 512), (4096, 2048)] + 128 * [(2048, 768), (2048, 768), (768, 2048)]
+    extra = 48 * sum(awq_bytes(k, n, 64) - awq_bytes(k, n) for k, n in shapes) // 4
+    assert tp4.added_bytes_per_gpu == extra
+    # EP puts 32 whole experts on each GPU, TP a quarter of every expert: the same bytes, so they differ by the regroup
+    assert tp4.weight_bytes_per_gpu - ep.weight_bytes_per_gpu == extra
     order = [r.layout.label for r in plan.layouts]
-    assert order.index("TP 4 + EP") < order.index("TP 4")  # no added FLOPs beats +11 %
+    assert order.index("TP 4 + EP") < order.index("TP 4")  # equal FLOPs; no added bytes beats +3 %
     assert plan.layouts[0].added_flops_percent == 0
     assert "wins" in plan.why
 
@@ -161,8 +162,9 @@ def test_cli_json_schema_and_first_pad_command_reproduces_the_layout(q30, monkey
     # the pad command of a padded layout gives exactly the plan the planner priced
     argv = tp4["pad_command"].split()[1:]
     assert argv[:3] == ["pad", src, "Qwen3-30B-A3B-AWQ-tp4"]
-    priced = make_plan(q30, (4,), "vllm")
-    assert priced.added_bytes > 0 and [d.padded for d in priced.changed_dims] == [1024]
+    priced = plan_with_strategy(q30, (4,), "vllm")  # pad's default --strategy auto
+    assert priced.regroup is not None and priced.regroup.new_group_size == 64 and not priced.changed_dims
+    assert tp4["needs"] == "regroup" and tp4["added_bytes_per_gpu"] > 0
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -199,10 +201,9 @@ def test_properties(tmp_path_factory, inter_groups, experts, gpus, engine):
     for r in plan.layouts:
         if not r.exact:
             continue
-        priced = make_plan(ckpt, (r.layout.tp,), engine, pad_heads=r.needs == "pad-heads", expert_parallel=r.layout.ep)
-        widths = {d.kind: d.padded for d in priced.dims}
-        errors = [v for v in evaluate(ckpt, engine, r.layout.tp, widths, expert_parallel=r.layout.ep)
-                  if v.severity == "error" and v.paddable]
+        priced = plan_with_strategy(ckpt, (r.layout.tp,), engine, pad_heads=r.needs == "pad-heads",
+                                    expert_parallel=r.layout.ep)
+        errors = [v for v in priced.violations_after if v.severity == "error"]
         assert not errors, (r.layout.label, errors)
         assert (r.added_bytes_per_gpu > 0) == priced.needs_padding
 

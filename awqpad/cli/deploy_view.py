@@ -9,7 +9,7 @@ from rich.table import Table
 from awqpad.cli.inspect_cmd import human_bytes
 from awqpad.plan.deploy import GPU_MEMORY_UTILIZATION, RESERVE_BYTES, DeployPlan, LayoutReport
 
-NEEDS_STYLE = {"nothing": "green", "pad": "cyan", "pad-heads": "cyan", "blocked": "red", "unsupported": "dim"}
+NEEDS_STYLE = {"nothing": "green", "regroup": "cyan", "regroup+pad": "cyan", "pad": "cyan", "pad-heads": "cyan", "blocked": "red", "unsupported": "dim"}
 
 
 def deploy_summary(plan: DeployPlan) -> dict:

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from awqpad.checkpoint.model import Checkpoint, Linear
 from awqpad.engines.launch import launch_command
 from awqpad.engines.profiles import engines_for
-from awqpad.plan.pad_plan import PadPlan, make_plan
+from awqpad.plan.pad_plan import PadPlan
+from awqpad.plan.strategy import plan_with_strategy
 
 GPU_MEMORY_UTILIZATION = 0.90
 RESERVE_BYTES = 2 << 30
@@ -53,7 +54,7 @@ class Layout:
 class LayoutReport:
     layout: Layout
     engine: str
-    needs: str  # nothing | pad | pad-heads | blocked | unsupported
+    needs: str  # nothing | regroup | pad | regroup+pad | pad-heads | blocked | unsupported
     reason: str
     exact: bool  # loads at this layout and computes the source's function
     weight_bytes_per_gpu: int  # the fullest GPU, padding included
@@ -212,10 +213,11 @@ def attention_layers(ckpt: Checkpoint, stage: range) -> int:
 
 
 def _layout_plan(ckpt: Checkpoint, layout: Layout, engine: str) -> tuple[PadPlan, bool]:
-    """The plan `awqpad pad` would make for this layout (with --pad-heads when only that unblocks it)."""
-    plan = make_plan(ckpt, (layout.tp,), engine, expert_parallel=layout.ep)
+    """The plan `awqpad pad` would make for this layout (its default --strategy auto: the cheapest of padding,
+    regrouping or both; with --pad-heads when only that unblocks it)."""
+    plan = plan_with_strategy(ckpt, (layout.tp,), engine, expert_parallel=layout.ep)
     if plan.blocked:
-        with_heads = make_plan(ckpt, (layout.tp,), engine, pad_heads=True, expert_parallel=layout.ep)
+        with_heads = plan_with_strategy(ckpt, (layout.tp,), engine, pad_heads=True, expert_parallel=layout.ep)
         if not with_heads.blocked:
             return with_heads, True
     return plan, False
@@ -229,6 +231,9 @@ def _needs(plan: PadPlan, heads: bool) -> tuple[str, str]:
         return "pad-heads", plan.heads.summary if plan.heads else "attention-head padding"
     if plan.needs_padding:
         parts = [f"{d.config_key or d.kind} {d.original} -> {d.padded}" for d in plan.changed_dims]
+        if plan.regroup is not None:
+            parts.insert(0, f"group size {plan.regroup.group_size} -> {plan.regroup.new_group_size}")
+            return ("regroup+pad" if plan.changed_dims else "regroup"), ", ".join(parts)
         return "pad", ", ".join(parts) or "padding"
     return "nothing", "the checkpoint already satisfies every rule at this layout"
 
