@@ -6,13 +6,14 @@ Only reads JSON: no transformers AutoConfig (no network, no remote code).
 from __future__ import annotations
 
 import fnmatch
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from awqpad.errors import InputError, UnsupportedError
+from awqpad.source import bounded_json
+from awqpad.source.paths import source_file
 
 # Keys under which VL / wrapper models nest the language model's config
 # (Qwen2.5-VL `text_config`, InternVL `llm_config`, DeepSeek-VL / others `language_config`).
@@ -58,19 +59,16 @@ class QuantConfig:
         return self.method != "none"
 
 
-def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{path}: no {what} found")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: {what} is not valid JSON ({exc})")
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read {what} ({exc.strerror or exc})")
+def _read_json(root: Path, name: str, kind: str) -> Any:
+    """A JSON file of SRC, confined to SRC and bounded (see source/bounded_json); None if it does not exist."""
+    path = source_file(root, name, f"{root}:", missing_ok=True)
+    return None if path is None else bounded_json.read(path, kind, str(root / name))
 
 
 def read_model_config(root: Path) -> ModelConfig:
-    raw = _read_json(root / "config.json", "config.json")
+    raw = _read_json(root, "config.json", "config")
+    if raw is None:
+        raise InputError(f"{root}: no config.json")
     if not isinstance(raw, dict):
         raise InputError(f"{root / 'config.json'}: config.json is not a JSON object")
     wrapper_arch = (raw.get("architectures") or [None])[0]
@@ -84,17 +82,19 @@ def read_model_config(root: Path) -> ModelConfig:
 
 def read_quant_config(root: Path, model: ModelConfig) -> QuantConfig:
     q = model.raw.get("quantization_config") or model.text.get("quantization_config")
-    if q is None and (root / "hf_quant_config.json").is_file():
+    if q is None and (root / "hf_quant_config.json").exists():
         # NVIDIA ModelOpt exports keep it here ({"producer": ..., "quantization": {"quant_algo": ...}});
         # vLLM detects ModelOpt checkpoints by this file (docs/features/quantization/modelopt.md).
-        q = _read_json(root / "hf_quant_config.json", "hf_quant_config.json")
+        q = _read_json(root, "hf_quant_config.json", "side")
         if isinstance(q, dict):
             q = dict(q, quant_method="modelopt")
     if q is None:
         # Older AutoGPTQ / AutoAWQ repos keep it in a side file.
         for side in ("quantize_config.json", "quant_config.json"):
-            if (root / side).is_file():
-                q = _read_json(root / side, side)
+            q = _read_json(root, side, "side")
+            if q is not None:
+                if not isinstance(q, dict):
+                    raise InputError(f"{root / side}: not a JSON object")
                 q.setdefault("quant_method", "gptq" if side == "quantize_config.json" else "awq")
                 break
     if q is None:

@@ -1,8 +1,14 @@
 """Read and validate one safetensors header without touching tensor data.
 
-The checks mirror safetensors' own `read_metadata` (safetensors/src/tensor.rs): header length
-bounded and inside the file, UTF-8 JSON, known dtypes, byte span == numel x dtype size, tensors
-contiguous from offset 0 with no gaps or overlaps, and data ending exactly at the end of the file.
+The checks mirror safetensors' own `SafeTensors::read_metadata` and `Metadata::validate`
+(huggingface/safetensors, safetensors/src/tensor.rs), so awqpad accepts no file the library rejects:
+header length <= 100,000,000 and inside the file; UTF-8 JSON (serde_json: no NaN, numbers that fit);
+`__metadata__` null or string -> string; every tensor an object with a known `dtype`, a `shape` of
+integers in 0..2^64-1 (serde's `Vec<usize>`: no bools, no floats, no negatives) and `data_offsets` of
+exactly two such integers; numel and numel x bits computed with overflow checks in u64, left to right
+as Rust's `try_fold(1, checked_mul)` does; byte span == numel x dtype size; tensors contiguous from
+offset 0 with no gaps or overlaps; data ending exactly at the end of the file. Stricter than the
+library in one way: a tensor name given twice is refused (serde keeps one of them silently).
 """
 
 from __future__ import annotations
@@ -10,11 +16,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from awqpad.errors import InputError
+from awqpad.source import bounded_json
 
 # safetensors dtype -> size in bits (safetensors/src/tensor.rs `Dtype::bitsize`).
 DTYPE_BITS = MappingProxyType(
@@ -26,7 +34,8 @@ DTYPE_BITS = MappingProxyType(
         "I64": 64, "U64": 64, "F64": 64,
     }
 )
-MAX_HEADER_BYTES = 100_000_000  # safetensors' own cap
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own MAX_HEADER_SIZE
+U64_MAX = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
@@ -60,11 +69,22 @@ class ShardHeader:
         return 8 + self.header_len
 
 
+def _u64(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= U64_MAX
+
+
 def tensor_nbytes(dtype: str, shape: tuple[int, ...], where: str = "") -> int:
-    bits = DTYPE_BITS.get(dtype)
+    bits = DTYPE_BITS.get(dtype) if isinstance(dtype, str) else None
     if bits is None:
         raise InputError(f"{where}unknown dtype {dtype!r}")
-    total_bits = math.prod(shape) * bits
+    numel = 1
+    for dim in shape:  # Rust: shape.iter().try_fold(1usize, usize::checked_mul)
+        numel *= dim
+        if numel > U64_MAX:
+            raise InputError(f"{where}shape {list(shape)} overflows 64 bits")
+    total_bits = numel * bits
+    if total_bits > U64_MAX:
+        raise InputError(f"{where}shape {list(shape)} x {bits} bits overflows 64 bits")
     if total_bits % 8:
         raise InputError(f"{where}{dtype} tensor of shape {list(shape)} is not a whole number of bytes")
     return total_bits // 8
@@ -73,10 +93,7 @@ def tensor_nbytes(dtype: str, shape: tuple[int, ...], where: str = "") -> int:
 def parse_header(raw: bytes, filename: str, file_size: int) -> ShardHeader:
     """Validate the JSON header `raw` (the bytes after the 8-byte length) of a file of `file_size` bytes."""
     header_len = len(raw)
-    try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{filename}: safetensors header is not valid JSON ({exc.__class__.__name__}: {exc})")
+    doc = bounded_json.loads(raw, f"{filename}: safetensors header", "header", strict=True)
     if not isinstance(doc, dict):
         raise InputError(f"{filename}: safetensors header is not a JSON object")
     metadata = doc.pop("__metadata__", None)
@@ -94,12 +111,12 @@ def parse_header(raw: bytes, filename: str, file_size: int) -> ShardHeader:
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         if not isinstance(dtype, str):
             raise InputError(f"{where}missing dtype")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-            raise InputError(f"{where}shape must be a list of non-negative integers, got {shape!r}")
-        if not (
-            isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and o >= 0 for o in offsets)
-        ):
-            raise InputError(f"{where}data_offsets must be two non-negative integers, got {offsets!r}")
+        if dtype not in DTYPE_BITS:
+            raise InputError(f"{where}unknown dtype {dtype!r}")
+        if not (isinstance(shape, list) and all(_u64(d) for d in shape)):
+            raise InputError(f"{where}shape must be a list of non-negative integers below 2^64, got {str(shape)[:80]}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_u64(o) for o in offsets)):
+            raise InputError(f"{where}data_offsets must be two non-negative integers below 2^64, got {str(offsets)[:80]}")
         begin, end = offsets
         if end < begin:
             raise InputError(f"{where}data_offsets {offsets} end before they begin")
@@ -131,7 +148,10 @@ def read_header(path: str | os.PathLike, filename: str | None = None) -> ShardHe
     """Read and validate the header of the safetensors file at `path` (reads 8 + header bytes only)."""
     filename = filename or os.path.basename(os.fspath(path))
     try:
-        file_size = os.path.getsize(path)
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(f"{filename}: not a regular file")
+        file_size = st.st_size
         with open(path, "rb") as fh:
             prefix = fh.read(8)
             if len(prefix) < 8:

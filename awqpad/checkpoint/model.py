@@ -6,7 +6,7 @@ config.json values are compared against them and disagreements become findings.
 
 from __future__ import annotations
 
-import json
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +17,8 @@ from awqpad.checkpoint.config import ModelConfig, QuantConfig, module_quant, rea
 from awqpad.checkpoint.foreign import Foreign, recognise
 from awqpad.errors import AwqpadError, InputError
 from awqpad.checkpoint.header import ShardHeader, TensorInfo, read_header
-from awqpad.source import Source
+from awqpad.source import Source, bounded_json
+from awqpad.source.paths import source_file
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 INDEX_NAME = "model.safetensors.index.json"
@@ -130,7 +131,7 @@ class Checkpoint:
 
 def _read_shards(root: Path) -> tuple[tuple[ShardHeader, ...], dict[str, TensorInfo], str | None, list[Finding]]:
     findings: list[Finding] = []
-    names = sorted(p.name for p in root.iterdir() if p.is_file())
+    names = sorted(p.name for p in root.iterdir() if p.is_file() or p.is_symlink())
     shard_files = [n for n in names if n.endswith(".safetensors")]
     index_files = [n for n in names if n.endswith(".safetensors.index.json")]
     if not shard_files and not index_files:
@@ -144,24 +145,28 @@ def _read_shards(root: Path) -> tuple[tuple[ShardHeader, ...], dict[str, TensorI
         raise InputError(f"{root}: no *.safetensors files")
 
     index_name = INDEX_NAME if INDEX_NAME in index_files else (index_files[0] if index_files else None)
+    paths: dict[str, Path] = {}
     if index_name is not None:
-        try:
-            index = json.loads((root / index_name).read_text(encoding="utf-8"))
-            weight_map = index["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError("weight_map is not an object")
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-            raise InputError(f"{root / index_name}: not a valid safetensors index ({exc})")
+        index_path = source_file(root, index_name, f"{root}:")
+        index = bounded_json.read(index_path, "index", str(root / index_name), strict=True)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
+            raise InputError(f"{root / index_name}: not a valid safetensors index (no `weight_map` object)")
+        bad = next(((k, v) for k, v in weight_map.items() if not isinstance(v, str)), None)
+        if bad is not None:
+            raise InputError(f"{root / index_name}: weight_map names tensor {bad[0]!r} in {bad[1]!r}, not a file name")
         wanted = sorted(set(weight_map.values()))
         for shard in wanted:
-            if not (root / shard).is_file():
-                raise InputError(f"{root / index_name}: lists shard {shard} which does not exist")
+            # Confinement first: nothing outside SRC is opened, not even to read its header.
+            paths[shard] = source_file(root, shard, f"{root / index_name}: lists shard")
     else:
         if len(shard_files) > 1:
             raise InputError(f"{root}: {len(shard_files)} safetensors files but no model.safetensors.index.json")
         weight_map, wanted = None, shard_files
+        for shard in wanted:
+            paths[shard] = source_file(root, shard, f"{root}:")
 
-    headers = tuple(read_header(root / shard, shard) for shard in wanted)
+    headers = tuple(read_header(paths[shard], shard) for shard in wanted)
     tensors: dict[str, TensorInfo] = {}
     for header in headers:
         for name, info in header.tensors.items():
@@ -176,7 +181,10 @@ def _read_shards(root: Path) -> tuple[tuple[ShardHeader, ...], dict[str, TensorI
                 raise InputError(f"{root / index_name}: names tensor {name!r} in {shard} but that shard lacks it{where}")
         unindexed = sorted(set(tensors) - set(weight_map))
         if unindexed:
-            findings.append(Finding("warning", f"{len(unindexed)} tensors are in shards but not in the index, e.g. {unindexed[0]}"))
+            # Loaders disagree on such tensors (some load every tensor of a listed shard, some only the
+            # index's), so the padded output could not be proven to load as SRC does: refuse, as verify would.
+            raise InputError(f"{root / index_name}: {len(unindexed)} tensor(s) are in the shards but not in the "
+                             f"index, e.g. {unindexed[0]!r} in {tensors[unindexed[0]].shard}")
         unused = sorted(set(shard_files) - set(wanted))
         if unused:
             findings.append(Finding("warning", f"safetensors files not referenced by the index: {', '.join(unused)}"))
@@ -246,7 +254,13 @@ def _group_mlps(linears: list[Linear], act_scales: dict[str, TensorInfo]) -> lis
 
 def read_checkpoint(source: Source) -> Checkpoint:
     root = source.root
-    if not (root / "config.json").is_file():
+    try:
+        if not root.is_dir():
+            raise InputError(f"{root}: not a directory")
+        os.listdir(root)
+    except OSError as exc:
+        raise InputError(f"{root}: cannot read the checkpoint directory ({exc.strerror or exc})") from None
+    if source_file(root, "config.json", f"{root}:", missing_ok=True) is None:
         raise InputError(f"{root}: no config.json")
     config = read_model_config(root)
     quant = read_quant_config(root, config)

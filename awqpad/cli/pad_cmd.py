@@ -34,6 +34,8 @@ OutArg = Annotated[Path, typer.Argument(help="Output directory (must not exist u
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace OUT if it exists (only after the new output is complete).")]
 PushOpt = Annotated[Optional[str], typer.Option("--push-to-hub", metavar="ORG/NAME", show_default=False,
                     help="Upload OUT to this Hub repo after padding (private unless --public; needs HF_TOKEN with write access).")]
+FollowOpt = Annotated[bool, typer.Option("--follow-symlinks", help="Also copy side files (tokenizer, code, ...) that are "
+                      "symlinks to outside SRC; refused by default, since they would land in OUT (and on the Hub with --push-to-hub).")]
 PublicOpt = Annotated[bool, typer.Option("--public", help="With --push-to-hub: create the repo public.")]
 
 
@@ -47,6 +49,7 @@ def pad(
     expert_parallel: ExpertParallelOpt = False,
     strategy: StrategyOpt = DEFAULT_STRATEGY,
     force: ForceOpt = False,
+    follow_symlinks: FollowOpt = False,
     push_repo: PushOpt = None,
     public: PublicOpt = False,
     json_out: JsonOpt = False,
@@ -82,10 +85,16 @@ def pad(
         out.warn(warning)
     total = sum(s.file_size for s in ckpt.shards) + plan.added_bytes
     with out.progress(total, "padding") as advance:
-        result = pad_to_directory(ckpt, plan, out_dir, force=force, progress=advance, notify=out.info)
+        result = pad_to_directory(ckpt, plan, out_dir, force=force, follow_symlinks=follow_symlinks, progress=advance,
+                                  notify=out.info)
+    if result.external_files:
+        where = f"; --push-to-hub uploads them to {push_repo}" if push_repo else ""
+        out.warn(f"copied {len(result.external_files)} file(s) from outside SRC ({', '.join(result.external_files[:3])}"
+                 f"{', ...' if len(result.external_files) > 3 else ''}) because of --follow-symlinks{where}")
     summary.update(status="padded", out=result.out, shards=list(result.shards), bytes_written=result.bytes_written,
                    seconds=round(result.seconds, 3), padded_tensors=result.padded_tensors,
-                   copied_files=list(result.copied_files), skipped_files=list(result.skipped_files))
+                   copied_files=list(result.copied_files), skipped_files=list(result.skipped_files),
+                   external_files=list(result.external_files))
     if push_repo:
         summary["pushed"] = push_to_hub(Path(result.out), push_repo, private=not public, source_id=ckpt.source.source_id,
                                         source_revision=ckpt.source.revision, source_hub=ckpt.source.is_hub,

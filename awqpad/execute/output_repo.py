@@ -1,7 +1,8 @@
-"""Write a complete padded repo atomically: temp sibling of OUT, fsync, then rename.
+"""Write a complete padded repo atomically: temp sibling of OUT, fsync, then rename (see execute/atomic).
 
 An interrupted or failed run leaves no directory at OUT (only a hidden `.OUT.awqpad-partial-*`
-sibling that the next run removes), so nothing half-written ever looks complete.
+sibling that the next run removes), so nothing half-written ever looks complete. Every file is created
+new (O_EXCL) inside that temp sibling (source/paths), and only after SRC's side files passed the checks.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import threading
@@ -21,13 +23,18 @@ from typing import Callable
 
 from awqpad import __version__
 from awqpad.checkpoint.model import Checkpoint
+from awqpad.checkpoint.header import tensor_nbytes
 from awqpad.errors import InputError, OutputError
+from awqpad.execute.atomic import PARTIAL_TAG, install, output_lock, output_os_error, recover_leftovers, remove_tree
 from awqpad.execute.shard_writer import shard_output_size, write_shard
 from awqpad.plan.pad_plan import PadPlan, plan_summary
 from awqpad.serialize import to_data
+from awqpad.source import bounded_json
+from awqpad.source.paths import create_output, inside_source, output_file, source_file, write_output
 
 PROVENANCE = "awqpad.json"
-PARTIAL_TAG = ".awqpad-partial-"
+MAX_CARD_BYTES = 16 << 20
+COPY_BUFFER = 1 << 20
 # Weights in other formats would be stale (unpadded) copies next to the padded safetensors.
 SKIP_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".safetensors")
 SKIP_DIRS = {".git", ".cache", "original", "__pycache__"}
@@ -44,6 +51,7 @@ class PadResult:
     padded_tensors: int
     copied_files: tuple[str, ...]
     skipped_files: tuple[str, ...]
+    external_files: tuple[str, ...] = ()  # copied from outside SRC because of --follow-symlinks
 
 
 def source_fingerprint(ckpt: Checkpoint) -> str:
@@ -69,21 +77,49 @@ def _set_path(config: dict, dotted: str, value) -> None:
     node[leaf] = value
 
 
-def _tagalong_files(root: Path) -> tuple[list[Path], list[str]]:
-    keep, skipped = [], []
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root)
-        if any(part in SKIP_DIRS for part in rel.parts[:-1]) or path.is_dir():
-            continue
-        name = rel.as_posix()
-        if name in ("config.json", PROVENANCE) or name.endswith(".safetensors.index.json"):
-            continue
-        if name.endswith(SKIP_SUFFIXES):
-            if not name.endswith(".safetensors"):
-                skipped.append(name)
-            continue
-        keep.append(rel)
-    return keep, skipped
+@dataclass(frozen=True)
+class SideFiles:
+    """The non-weight files of SRC that OUT carries along, as (relative name, resolved path)."""
+
+    keep: tuple[tuple[str, Path], ...]
+    skipped: tuple[str, ...]  # stale weights in other formats, symlinked directories
+    external: tuple[str, ...]  # symlinks out of SRC, copied because the caller allowed it
+
+
+def side_files(root: Path, follow_symlinks: bool = False) -> SideFiles:
+    """Walk SRC (never through symlinked directories) for the files OUT carries along. Every one must be a
+    regular file inside SRC: a FIFO or device is a bad input, and a symlink out of SRC is refused unless
+    `follow_symlinks` (it would put a file from elsewhere on the machine into OUT, and on the Hub)."""
+    keep, skipped, external = [], [], []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        base = Path(dirpath)
+        rel_dir = base.relative_to(root).as_posix()
+        rel_dir = "" if rel_dir == "." else rel_dir + "/"
+        for d in sorted(dirnames):
+            if d in SKIP_DIRS:
+                dirnames.remove(d)
+            elif os.path.islink(base / d):
+                dirnames.remove(d)
+                skipped.append(rel_dir + d + "/")
+        dirnames.sort()
+        for fname in sorted(filenames):
+            name = rel_dir + fname
+            if name in ("config.json", PROVENANCE) or name.endswith(".safetensors.index.json"):
+                continue
+            if name.endswith(SKIP_SUFFIXES):
+                if not name.endswith(".safetensors"):
+                    skipped.append(name)
+                continue
+            real = source_file(root, name, f"{root}: side file", allow_outside=True)
+            if not inside_source(root, real):
+                if not follow_symlinks:
+                    raise InputError(
+                        f"{root / name}: a symlink to {real}, outside SRC; refusing to copy it into OUT",
+                        hint="pass --follow-symlinks to copy it anyway (with --push-to-hub it is uploaded too)",
+                    )
+                external.append(name)
+            keep.append((name, real))
+    return SideFiles(tuple(keep), tuple(skipped), tuple(external))
 
 
 def model_card_section(plan: PadPlan, ckpt: Checkpoint) -> str:
@@ -122,25 +158,6 @@ def _terminate_as_interrupt():
         signal.signal(signal.SIGXFSZ, old_xfsz)
 
 
-def _remove_stale_partials(out: Path, notify: Callable[[str], None]) -> None:
-    for stale in out.parent.glob(f".{out.name}{PARTIAL_TAG}*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and _alive(int(pid)):
-            continue
-        shutil.rmtree(stale, ignore_errors=True)
-        notify(f"removed {stale.name}: partial output of an interrupted run")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid != os.getpid()
-
-
 def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -160,72 +177,84 @@ def _fsync_dir(path: Path) -> None:
 
 
 def check_destination(src: Path, out: Path, force: bool) -> None:
-    src_r, out_r = src.resolve(), out.resolve()
-    if out_r == src_r or src_r in out_r.parents or out_r in src_r.parents:
-        raise OutputError(f"{out}: OUT must not be SRC, inside it, or contain it (awqpad never writes into the source)")
-    if out.exists() and not force:
-        raise OutputError(f"{out}: already exists; pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"{out}: exists and is not a directory")
-    if not out_r.parent.is_dir():
-        raise OutputError(f"{out.parent}: parent directory does not exist")
+    try:
+        src_r, out_r = src.resolve(), out.resolve()
+        if out.is_symlink() and not out.exists():
+            raise OutputError(f"{out}: is a dangling symlink (to {os.readlink(out)}); remove it or choose another OUT")
+        if out_r == src_r or src_r in out_r.parents or out_r in src_r.parents:
+            raise OutputError(f"{out}: OUT must not be SRC, inside it, or contain it (awqpad never writes into the source)")
+        if out.exists() and not force:
+            raise OutputError(f"{out}: already exists; pass --force to replace it")
+        if out.exists() and not out.is_dir():
+            raise OutputError(f"{out}: exists and is not a directory")
+        if not out_r.parent.is_dir():
+            raise OutputError(f"{out.parent}: parent directory does not exist")
+    except OSError as exc:
+        raise output_os_error(exc, out) from None
 
 
-def expected_output_bytes(ckpt: Checkpoint, plan: PadPlan) -> int:
+def expected_output_bytes(ckpt: Checkpoint, plan: PadPlan, follow_symlinks: bool = False) -> int:
     ops = {op.tensor: op for op in plan.ops}
     shards = sum(shard_output_size(s, {n: ops[n] for n in s.tensors if n in ops}) for s in ckpt.shards)
-    others = sum((ckpt.source.root / rel).stat().st_size for rel in _tagalong_files(ckpt.source.root)[0])
+    others = sum(real.stat().st_size for _, real in side_files(ckpt.source.root, follow_symlinks).keep)
     return shards + others
 
 
-def pad_to_directory(ckpt: Checkpoint, plan: PadPlan, out: Path, *, force: bool = False,
+def pad_to_directory(ckpt: Checkpoint, plan: PadPlan, out: Path, *, force: bool = False, follow_symlinks: bool = False,
                      progress: Callable[[int], None] = lambda n: None, notify: Callable[[str], None] = lambda m: None,
                      fsync: bool = True) -> PadResult:
     started = time.monotonic()
     src = ckpt.source.root
+    sides = side_files(src, follow_symlinks)  # every input is validated before anything is written
     check_destination(src, out, force)
-    _remove_stale_partials(out, notify)
-    needed = expected_output_bytes(ckpt, plan)
-    free = shutil.disk_usage(out.resolve().parent).free
-    if free < needed + SPACE_MARGIN:
-        raise OutputError(
-            f"{out.parent}: not enough free space: the padded repo needs {needed / 1e9:.2f} GB (+{SPACE_MARGIN >> 20} MB margin), "
-            f"{free / 1e9:.2f} GB free"
-        )
-    tmp = out.parent / f".{out.name}{PARTIAL_TAG}{os.getpid()}"
-    ops = {op.tensor: op for op in plan.ops}
-    written = 0
-    with _terminate_as_interrupt():
+    with output_lock(out):
         try:
-            tmp.mkdir()
-            written = _write_shards(ckpt, ops, tmp, progress, fsync)
-            _write_index(ckpt, plan, tmp)
-            _write_config(ckpt, plan, tmp)
-            copied, skipped = _copy_tagalong(ckpt, plan, tmp, fsync)
-            _write_provenance(ckpt, plan, tmp)
-            if fsync:
-                shard_names = {s.filename for s in ckpt.shards}
-                for path in tmp.rglob("*"):
-                    if path.is_file() and path.name not in shard_names:
-                        _fsync_file(path)
-                _fsync_dir(tmp)
-            if out.exists():  # --force: swap the old directory out only once the new one is complete
-                old = out.parent / f".{out.name}{PARTIAL_TAG}old-{os.getpid()}"
-                out.rename(old)
-                tmp.rename(out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(out)
-            if fsync:
-                _fsync_dir(out.resolve().parent)
-        except KeyboardInterrupt:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise OutputError(f"{out}: interrupted; the partial output was removed and {out} was not written") from None
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            recover_leftovers(out, notify)
+        except OSError as exc:
+            raise output_os_error(exc, out) from None
+        check_destination(src, out, force)  # again, now that no other awqpad run can change OUT
+        needed = expected_output_bytes(ckpt, plan, follow_symlinks)
+        free = shutil.disk_usage(out.resolve().parent).free
+        if free < needed + SPACE_MARGIN:
+            raise OutputError(
+                f"{out.parent}: not enough free space: the padded repo needs {needed / 1e9:.2f} GB (+{SPACE_MARGIN >> 20} MB margin), "
+                f"{free / 1e9:.2f} GB free"
+            )
+        token = secrets.token_hex(6)
+        tmp = out.parent / f".{out.name}{PARTIAL_TAG}{token}"
+        with _terminate_as_interrupt():
+            try:
+                tmp.mkdir()
+                written = _write_shards(ckpt, plan_ops(plan), tmp, progress, fsync)
+                _write_index(ckpt, plan, tmp)
+                _write_config(ckpt, plan, tmp)
+                copied = _copy_side_files(ckpt, plan, tmp, sides)
+                _write_provenance(ckpt, plan, tmp)
+                if fsync:
+                    shard_names = {s.filename for s in ckpt.shards}
+                    for path in tmp.rglob("*"):
+                        if path.is_file() and path.relative_to(tmp).as_posix() not in shard_names:
+                            _fsync_file(path)
+                    _fsync_dir(tmp)
+                install(tmp, out, token, replace=force)  # --force: the old OUT goes only once the new one is in place
+                if fsync:
+                    _fsync_dir(out.resolve().parent)
+            except KeyboardInterrupt:
+                remove_tree(tmp)
+                raise OutputError(f"{out}: interrupted; the partial output was removed and {out} was not written") from None
+            except OSError as exc:
+                remove_tree(tmp)
+                raise output_os_error(exc, out) from None
+            except BaseException:
+                remove_tree(tmp)
+                raise
     return PadResult(str(out), tuple(s.filename for s in ckpt.shards), written, time.monotonic() - started,
-                     len([op for op in plan.ops if op.replace is None]), tuple(copied), tuple(skipped))
+                     len([op for op in plan.ops if op.replace is None]), tuple(copied), tuple(sides.skipped),
+                     tuple(sides.external))
+
+
+def plan_ops(plan: PadPlan) -> dict:
+    return {op.tensor: op for op in plan.ops}
 
 
 def _write_shards(ckpt: Checkpoint, ops: dict, tmp: Path, progress, fsync: bool) -> int:
@@ -240,9 +269,10 @@ def _write_shards(ckpt: Checkpoint, ops: dict, tmp: Path, progress, fsync: bool)
 
     def one(shard) -> int:
         shard_ops = {n: ops[n] for n in shard.tensors if n in ops}
-        size = write_shard(ckpt.source.root, shard, shard_ops, tmp / shard.filename, advance, fsync=False, cancel=cancel)
+        path = output_file(tmp, shard.filename)
+        size = write_shard(ckpt.source.root, shard, shard_ops, path, advance, fsync=False, cancel=cancel)
         if fsync:
-            _fsync_file(tmp / shard.filename)
+            _fsync_file(path)
         return size
 
     pool = ThreadPoolExecutor(max_workers=max(1, min(WRITERS, len(ckpt.shards))))
@@ -261,51 +291,54 @@ def _write_shards(ckpt: Checkpoint, ops: dict, tmp: Path, progress, fsync: bool)
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _write_json(path: Path, data) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+def _write_json(tmp: Path, name: str, data) -> None:
+    write_output(tmp, name, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def _write_index(ckpt: Checkpoint, plan: PadPlan, tmp: Path) -> None:
     if ckpt.index_file is None:
         return
-    src = ckpt.source.root / ckpt.index_file
-    try:
-        index = json.loads(src.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{src}: cannot re-read the index ({exc})")
-    from awqpad.checkpoint.header import tensor_nbytes
-
-    ops = {op.tensor: op for op in plan.ops}
+    root = ckpt.source.root
+    index = bounded_json.read(source_file(root, ckpt.index_file, f"{root}:"), "index", str(root / ckpt.index_file),
+                              strict=True)
+    ops = plan_ops(plan)
     total = sum(tensor_nbytes(t.dtype, ops[n].new_shape if n in ops else t.shape) for n, t in ckpt.tensors.items())
-    index.setdefault("metadata", {})["total_size"] = total
-    _write_json(tmp / ckpt.index_file, index)
+    if not isinstance(index.get("metadata"), dict):
+        index["metadata"] = {}
+    index["metadata"]["total_size"] = total
+    _write_json(tmp, ckpt.index_file, index)
 
 
 def _write_config(ckpt: Checkpoint, plan: PadPlan, tmp: Path) -> None:
     config = json.loads(json.dumps(ckpt.config.raw))
     for path, value in plan.config_updates.items():
         _set_path(config, path, value)
-    _write_json(tmp / "config.json", config)
+    _write_json(tmp, "config.json", config)
 
 
-def _copy_tagalong(ckpt: Checkpoint, plan: PadPlan, tmp: Path, fsync: bool) -> tuple[list[str], list[str]]:
-    keep, skipped = _tagalong_files(ckpt.source.root)
-    copied = []
-    for rel in keep:
-        dest = tmp / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if rel.as_posix() == "README.md":
+def _copy_file(src: Path, dest: Path) -> None:
+    try:
+        fin = open(src, "rb")
+    except OSError as exc:
+        raise InputError(f"{src}: cannot read ({exc.strerror or exc})") from None
+    with fin, os.fdopen(create_output(dest), "wb") as fout:
+        shutil.copyfileobj(fin, fout, COPY_BUFFER)
+
+
+def _copy_side_files(ckpt: Checkpoint, plan: PadPlan, tmp: Path, sides: SideFiles) -> list[str]:
+    copied, card = [], None
+    for name, real in sides.keep:
+        if name == "README.md":
+            card = real
             continue
-        try:
-            shutil.copyfile(ckpt.source.root / rel, dest)  # follows HF-cache symlinks to their blobs
-        except OSError as exc:
-            raise OutputError(f"{dest}: cannot copy ({exc.strerror or exc})") from None
-        copied.append(rel.as_posix())
-    card = ckpt.source.root / "README.md"
-    text = card.read_text(encoding="utf-8", errors="replace") if card.is_file() else f"# {ckpt.source.source_id} (padded)\n"
-    (tmp / "README.md").write_text(text.rstrip("\n") + "\n" + model_card_section(plan, ckpt), encoding="utf-8")
+        _copy_file(real, output_file(tmp, name))  # HF-cache symlinks: the blob's bytes
+        copied.append(name)
+    if card is not None and card.stat().st_size > MAX_CARD_BYTES:
+        raise InputError(f"{ckpt.source.root / 'README.md'}: over the {MAX_CARD_BYTES:,}-byte limit for a model card")
+    text = card.read_text(encoding="utf-8", errors="replace") if card is not None else f"# {ckpt.source.source_id} (padded)\n"
+    write_output(tmp, "README.md", (text.rstrip("\n") + "\n" + model_card_section(plan, ckpt)).encode("utf-8"))
     copied.append("README.md")
-    return copied, skipped
+    return copied
 
 
 def provenance(ckpt: Checkpoint, plan: PadPlan, out_dir: Path | None = None) -> dict:
@@ -329,4 +362,4 @@ def provenance(ckpt: Checkpoint, plan: PadPlan, out_dir: Path | None = None) -> 
 
 
 def _write_provenance(ckpt: Checkpoint, plan: PadPlan, tmp: Path) -> None:
-    _write_json(tmp / PROVENANCE, provenance(ckpt, plan, tmp))
+    _write_json(tmp, PROVENANCE, provenance(ckpt, plan, tmp))

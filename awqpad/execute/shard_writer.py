@@ -19,6 +19,7 @@ import numpy as np
 from awqpad.errors import InputError, OutputError
 from awqpad.checkpoint.formats.base import regroup_ids, Fill, TensorOp, fill_bytes
 from awqpad.checkpoint.header import ShardHeader, TensorInfo, encode_header, tensor_nbytes
+from awqpad.source.paths import create_output
 from awqpad.execute.tensor_io import ARRAY_DTYPES, RAW_DTYPES, itemsize, pread_exact
 
 BLOCK_BYTES = 16 << 20
@@ -54,7 +55,7 @@ class ShardWriter:
     def __init__(self, path: Path, expected_size: int):
         self.path = path
         self.expected_size = expected_size
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.fd = create_output(path)  # a new file, never an existing one truncated
         self.pos = 0
         self._flushed = 0
         self._copy_range = hasattr(os, "copy_file_range")
@@ -151,7 +152,11 @@ def write_shard(src_root: Path, header: ShardHeader, ops: dict[str, TensorOp], o
     writer = ShardWriter(out_path, size)
     try:
         writer.write(head)
-        with open(src_root / header.filename, "rb") as src:
+        try:
+            src = open(src_root / header.filename, "rb")
+        except OSError as exc:
+            raise InputError(f"{header.filename}: cannot read ({exc.strerror or exc})") from None
+        with src:
             fd = src.fileno()
             for info, op, _, nbytes in layout:
                 if cancel is not None and cancel.is_set():
