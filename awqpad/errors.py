@@ -26,7 +26,13 @@ class InputError(AwqpadError):
 
 
 class UnsupportedError(AwqpadError):
-    """The checkpoint is well-formed but uses something awqpad cannot pad exactly."""
+    """The checkpoint is well-formed but uses something awqpad cannot pad exactly (a quantization method,
+    layout or bit width it does not pad, including methods `inspect` recognises but `pad` does not).
+
+    Exit 2, not 3, by decision: 3 means "this checkpoint, at this TP, cannot be padded by any plan";
+    an unsupported format is a property of the input whatever the TP, so it is a bad input."""
+
+    exit_code = 2
 
 
 class BlockedError(AwqpadError):

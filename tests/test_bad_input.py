@@ -175,7 +175,7 @@ def test_unknown_quant_method_is_named_by_inspect_and_refused_by_pad(ckpt, tmp_p
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["format"] == "fp8"
     proc = run("pad", ckpt, tmp_path / "out", "--tp", "4")
-    assert_one_line_error(proc, 3, "FP8")
+    assert_one_line_error(proc, 2, "FP8")  # unsupported input: exit 2 (errors.UnsupportedError), not 3
     assert not (tmp_path / "out").exists()
 
 
@@ -183,7 +183,8 @@ def test_awq_gemv_layout_refused(ckpt, tmp_path):
     config = json.loads((ckpt / "config.json").read_text())
     config["quantization_config"]["version"] = "gemv"
     (ckpt / "config.json").write_text(json.dumps(config))
-    assert_one_line_error(run("pad", ckpt, tmp_path / "out", "--tp", "4"), 3, "gemv", "GEMM")
+    # exit 2: an unsupported layout is a bad input whatever the TP (errors.UnsupportedError; README exit codes)
+    assert_one_line_error(run("pad", ckpt, tmp_path / "out", "--tp", "4"), 2, "gemv", "GEMM")
 
 
 def test_unknown_subcommand_option_is_usage_error(ckpt):

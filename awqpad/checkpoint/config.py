@@ -65,19 +65,67 @@ def _read_json(root: Path, name: str, kind: str) -> Any:
     return None if path is None else bounded_json.read(path, kind, str(root / name))
 
 
+# --- typed access to untrusted JSON: wrong types are one line naming the file and key, never a crash -----
+
+def _int(node: dict, key: str, default, where: str, *, group_size: bool = False):
+    """node[key] as an int (bools are not ints); group sizes must be -1 or >= 1, other counts >= 1."""
+    value = node.get(key, default)
+    if value is None and default is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InputError(f"{where}: {key} must be an integer, got {str(value)[:40]!r}")
+    if (value < 1 and not (group_size and value == -1)):
+        raise InputError(f"{where}: {key} = {value} is not valid" + (" (use -1 for per-channel)" if group_size else ""))
+    return value
+
+
+def _strings(node: dict, key: str, where: str) -> tuple[str, ...]:
+    value = node.get(key) or ()
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise InputError(f"{where}: {key} must be a list of strings, got {str(value)[:40]!r}")
+    return tuple(value)
+
+
+def _str(node: dict, key: str, default: str, where: str) -> str:
+    value = node.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise InputError(f"{where}: {key} must be a string, got {str(value)[:40]!r}")
+    return value
+
+
+def _first_architecture(node: dict, where: str) -> str | None:
+    archs = node.get("architectures")
+    if archs is None or archs == []:
+        return None
+    if not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise InputError(f"{where}: architectures must be a list of strings, got {str(archs)[:40]!r}")
+    return archs[0]
+
+
+def _compile(pattern: str, where: str) -> None:
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise InputError(f"{where}: {pattern[:60]!r} is not a valid regular expression ({exc})") from None
+
+
 def read_model_config(root: Path) -> ModelConfig:
     raw = _read_json(root, "config.json", "config")
     if raw is None:
         raise InputError(f"{root}: no config.json")
     if not isinstance(raw, dict):
         raise InputError(f"{root / 'config.json'}: config.json is not a JSON object")
-    wrapper_arch = (raw.get("architectures") or [None])[0]
+    where = str(root / "config.json")
+    wrapper_arch = _first_architecture(raw, where)
+    model_type = _str(raw, "model_type", "", where)
     for key in NESTED_TEXT_KEYS:
         nested = raw.get(key)
         if isinstance(nested, dict) and ("hidden_size" in nested or "num_hidden_layers" in nested):
-            arch = (nested.get("architectures") or [None])[0] or wrapper_arch or ""
-            return ModelConfig(raw, (key,), arch, wrapper_arch, nested.get("model_type") or raw.get("model_type", ""))
-    return ModelConfig(raw, (), wrapper_arch or "", None, raw.get("model_type", ""))
+            arch = _first_architecture(nested, f"{where}: {key}") or wrapper_arch or ""
+            return ModelConfig(raw, (key,), arch, wrapper_arch, _str(nested, "model_type", "", f"{where}: {key}") or model_type)
+    return ModelConfig(raw, (), wrapper_arch or "", None, model_type)
 
 
 def read_quant_config(root: Path, model: ModelConfig) -> QuantConfig:
@@ -101,39 +149,68 @@ def read_quant_config(root: Path, model: ModelConfig) -> QuantConfig:
         return QuantConfig("none")
     if not isinstance(q, dict):
         raise InputError(f"{root / 'config.json'}: quantization_config is not an object")
-    method = str(q.get("quant_method") or q.get("method") or "").lower()
+    where = f"{root / 'config.json'}: quantization_config"
+    method = q.get("quant_method") or q.get("method") or ""
+    if not isinstance(method, str):
+        raise InputError(f"{where}: quant_method must be a string, got {str(method)[:40]!r}")
+    method = method.lower()
     if method == "awq":
         return QuantConfig(
             "awq",
-            bits=int(q.get("bits", q.get("w_bit", 4))),
-            group_size=int(q.get("group_size", q.get("q_group_size", 128))),
+            bits=_int(q, "bits" if "bits" in q else "w_bit", 4, where),
+            group_size=_int(q, "group_size" if "group_size" in q else "q_group_size", 128, where, group_size=True),
             sym=not bool(q.get("zero_point", True)),
-            version=str(q.get("version", "gemm")).lower(),
-            not_converted=tuple(q.get("modules_to_not_convert") or ()),
+            version=_str(q, "version", "gemm", where).lower(),
+            not_converted=_strings(q, "modules_to_not_convert", where),
             raw=q,
         )
     if method == "gptq":
-        fmt = str(q.get("checkpoint_format") or q.get("format") or "gptq").lower()
+        fmt = (_str(q, "checkpoint_format", "", where) or _str(q, "format", "", where) or "gptq").lower()
         dynamic = q.get("dynamic") or {}
         if not isinstance(dynamic, dict):
-            raise InputError(f"{root / 'config.json'}: quantization_config.dynamic must be an object")
+            raise InputError(f"{where}: dynamic must be an object")
+        for pattern, override in dynamic.items():
+            _compile(pattern[2:] if pattern[:2] in ("-:", "+:") else pattern, f"{where}: dynamic")
+            if not isinstance(override, (dict, type(None))):
+                raise InputError(f"{where}: dynamic[{pattern[:40]!r}] must be an object")
+            for key in ("bits", "group_size"):
+                _int(override or {}, key, None, f"{where}: dynamic[{pattern[:40]!r}]", group_size=key == "group_size")
         return QuantConfig(
             "gptq",
-            bits=int(q.get("bits", 4)),
-            group_size=int(q.get("group_size", 128)),
+            bits=_int(q, "bits", 4, where),
+            group_size=_int(q, "group_size", 128, where, group_size=True),
             sym=bool(q.get("sym", True)),
             desc_act=bool(q.get("desc_act", False)),
             checkpoint_format=fmt,
-            pack_dtype=str(q.get("pack_dtype", "int32")).replace("torch.", ""),
-            dynamic=tuple((str(k), dict(v or {})) for k, v in dynamic.items()),
+            pack_dtype=_str(q, "pack_dtype", "int32", where).replace("torch.", ""),
+            dynamic=tuple((k, dict(v or {})) for k, v in dynamic.items()),
             raw=q,
         )
     if method == "compressed-tensors":
         groups = q.get("config_groups") or {}
+        if not isinstance(groups, dict):
+            raise InputError(f"{where}: config_groups must be an object of named groups, got {type(groups).__name__}")
+        for name, group in groups.items():
+            gwhere = f"{where}: config_groups[{name[:40]!r}]"
+            if not isinstance(group, dict):
+                raise InputError(f"{gwhere} must be an object")
+            for target in _strings(group, "targets", gwhere):
+                if target.startswith("re:"):
+                    _compile(target[3:], gwhere)
+            weights = group.get("weights") or {}
+            if not isinstance(weights, dict):
+                raise InputError(f"{gwhere}: weights must be an object")
+            _int(weights, "num_bits", 4, f"{gwhere}: weights")
+            _int(weights, "group_size", None, f"{gwhere}: weights", group_size=True)
+            _str(weights, "strategy", "group", f"{gwhere}: weights")
+        ignore = _strings(q, "ignore", where)
+        for target in ignore:
+            if target.startswith("re:"):
+                _compile(target[3:], f"{where}: ignore")
         return QuantConfig(
             "compressed-tensors",
-            checkpoint_format=str(q.get("format") or ""),
-            not_converted=tuple(q.get("ignore") or ()),
+            checkpoint_format=_str(q, "format", "", where),
+            not_converted=ignore,
             ct_groups=tuple(dict(g, _name=name) for name, g in groups.items()),
             raw=q,
         )
@@ -190,9 +267,9 @@ def module_quant(q: QuantConfig, module: str) -> ModuleQuant | None:
     if q.method == "awq":
         if any(skip in module for skip in q.not_converted):
             return None
-        return ModuleQuant(q.bits or 4, q.group_size or 128, q.sym)
+        return ModuleQuant(q.bits or 4, q.group_size, q.sym)
     if q.method == "gptq":
-        bits, group, sym, desc = q.bits or 4, q.group_size or 128, q.sym, q.desc_act
+        bits, group, sym, desc = q.bits or 4, q.group_size, q.sym, q.desc_act
         for pattern, override in q.dynamic:
             # GPTQModel: "-:regex" excludes the module, "+:regex" or bare "regex" overrides it.
             negative = pattern.startswith("-:")

@@ -173,6 +173,8 @@ def _read_shards(root: Path) -> tuple[tuple[ShardHeader, ...], dict[str, TensorI
             if name in tensors:
                 raise InputError(f"{root}: tensor {name!r} is stored twice, in {tensors[name].shard} and {header.filename}")
             tensors[name] = info
+    if not tensors:
+        raise InputError(f"{root}: the safetensors files hold no tensors")
     if weight_map is not None:
         for name, shard in weight_map.items():
             info = tensors.get(name)
@@ -199,12 +201,46 @@ def _split(name: str) -> tuple[str, str]:
     return prefix, part
 
 
+# Ranks (and for CT weight_shape the exact dtype and shape) of each format's tensors, checked before any
+# format code indexes a shape: a header may say anything, and pad and verify must refuse the same things.
+PART_RANKS = {
+    "awq-gemm": {"qweight": 2, "qzeros": 2, "scales": 2, "bias": 1},
+    "gptq": {"qweight": 2, "qzeros": 2, "scales": 2, "g_idx": 1, "bias": 1},
+    "compressed-tensors": {"weight_packed": 2, "weight_scale": 2, "weight_zero_point": 2, "weight_g_idx": 1,
+                           "weight_shape": 1, "bias": 1},
+    "dense": {"weight": 2, "bias": 1},
+}
+
+
+def _check_parts(prefix: str, fmt, parts: dict[str, TensorInfo]) -> None:
+    for part, rank in PART_RANKS.get(fmt.NAME, {}).items():
+        info = parts.get(part)
+        if info is not None and len(info.shape) != rank:
+            raise InputError(f"{info.shard}: {info.name} has shape {list(info.shape)}; {fmt.NAME} needs {rank} dimension(s)")
+    shape = parts.get("weight_shape") if fmt.NAME == "compressed-tensors" else None
+    if shape is not None and (shape.dtype != "I64" or shape.shape != (2,)):
+        raise InputError(f"{shape.shard}: {shape.name} is {shape.dtype}{list(shape.shape)}; compressed-tensors needs I64[2]")
+
+
 def _describe_linear(prefix, pattern, match, parts, quant: QuantConfig) -> Linear:
-    fmt = formats.detect(parts, quant.method)
+    shard = next(iter(parts.values())).shard
+    try:
+        fmt = formats.detect(parts, quant.method)
+    except (IndexError, KeyError, TypeError, ValueError):  # a format's `claims` met a shape it did not foresee
+        fmt = None
     if fmt is None:
-        raise InputError(f"{prefix}: tensors {sorted(parts)} match no known format (AWQ-GEMM, GPTQ, compressed-tensors, dense)")
+        shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in sorted(parts.items()))
+        raise InputError(f"{shard}: {prefix}: tensors ({shapes}) match no known format "
+                         "(AWQ-GEMM, GPTQ, compressed-tensors, dense)")
+    if fmt is not formats.dense and not quant.is_quantized:
+        raise InputError(f"{shard}: {prefix} holds {fmt.NAME} quantized tensors but config.json has no quantization_config "
+                         "(nor quantize_config.json), so bits and group size are unknown")
+    _check_parts(prefix, fmt, parts)
     mq = module_quant(quant, prefix) if fmt is not formats.dense else None
-    geo = fmt.geometry(prefix, parts, mq, quant)
+    try:
+        geo = fmt.geometry(prefix, parts, mq, quant)
+    except (IndexError, KeyError, TypeError, ValueError, ZeroDivisionError) as exc:  # a lying header the format did not foresee
+        raise InputError(f"{shard}: {prefix}: tensor shapes do not fit the {fmt.NAME} layout ({exc.__class__.__name__}: {exc})") from None
     layer = int(match.group("layer")) if "layer" in match.groupdict() else None
     expert = int(match.group("expert")) if match.groupdict().get("expert") is not None else None
     return Linear(
@@ -265,6 +301,7 @@ def read_checkpoint(source: Source) -> Checkpoint:
     config = read_model_config(root)
     quant = read_quant_config(root, config)
     family, known = find_family(config.architecture, config.model_type, config.wrapper_architecture)
+    _check_config_sizes(config, family, root)
     headers, tensors, index_name, findings = _read_shards(root)
     if not known:
         findings.append(
@@ -327,13 +364,26 @@ def read_checkpoint(source: Source) -> Checkpoint:
     )
 
 
+def _check_config_sizes(config: ModelConfig, family: Family, root: Path) -> None:
+    """Every size config.json gives the model (heads, widths, layers, ...) is a positive integer, if present."""
+    for kind, key in family.keys.items():
+        if not key or key not in config.text:
+            continue
+        value = config.get(key)
+        if value is None:
+            continue
+        smallest = 0 if kind in ("expert", "shared") else 1  # 0: the model has no such MLP
+        if not isinstance(value, int) or isinstance(value, bool) or value < smallest:
+            raise InputError(f"{root / 'config.json'}: {key} = {str(value)[:40]} is not a {'non-negative' if smallest == 0 else 'positive'} integer")
+
+
 def _dims(config: ModelConfig, family: Family, linears: list[Linear], mlps: list[MLPBlock]) -> Dims:
     keys = family.keys
 
     def cfg(kind):
         key = keys.get(kind)
         value = config.get(key) if key else None
-        return value if isinstance(value, int) else None
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
 
     heads = cfg("heads")
     kv = cfg("kv_heads")

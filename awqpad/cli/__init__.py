@@ -65,8 +65,14 @@ def main() -> None:
     # standalone_mode=False: click hands every outcome back here, so one table decides what users see.
     try:
         code = app(standalone_mode=False)
-    except typer.TyperException as exc:  # usage errors: the framework's own message, exit 2
-        exc.show()
+    except typer.TyperException as exc:  # usage errors: the framework's message, on one line, exit 2
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `awqpad pad` alone: the help text is the answer
+            exc.show()
+            sys.exit(getattr(exc, "exit_code", 2))
+        ctx = getattr(exc, "ctx", None)
+        where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        message = " ".join(exc.format_message().split())
+        print(f"awqpad: error: {message}{where}", file=sys.stderr)
         sys.exit(getattr(exc, "exit_code", 2))
     except typer.Abort:
         print("awqpad: interrupted", file=sys.stderr)

@@ -16,7 +16,7 @@ from awqpad.cli.output import Output
 from awqpad.cli.plan_cmd import serve_command
 from awqpad.engines.profiles import DEFAULT_ENGINE, check_engine
 from awqpad.checkpoint.foreign import refuse
-from awqpad.errors import BlockedError, InputError
+from awqpad.errors import BlockedError, InputError, UnsupportedError
 from awqpad.source.push import push_to_hub
 from awqpad.execute.output_repo import PROVENANCE, pad_to_directory
 from awqpad.plan.pad_plan import plan_summary
@@ -68,6 +68,8 @@ def pad(
     plan = plan_with_strategy(ckpt, tuple(tp), engine, skip_experts, pad_heads, expert_parallel, strategy)
     summary = {"source": ckpt.source.source_id, "revision": ckpt.source.revision, "out": None, "tp": list(plan.tp),
                "engine": engine, "plan": plan_summary(plan)}
+    if plan.unsupported is not None:
+        raise UnsupportedError(f"cannot pad {src}: {plan.unsupported.message}")
     if plan.blocked:
         first = plan.blockers[0]
         more = f" (+{len(plan.blockers) - 1} more; see `awqpad plan`)" if len(plan.blockers) > 1 else ""
@@ -81,6 +83,9 @@ def pad(
             out.warn("nothing written, so nothing pushed")
         out.result(summary, lambda console: console.print(message))
         return
+    for finding in ckpt.findings:  # e.g. a config.json width smaller than the tensors, which pad rewrites
+        if finding.level != "info":
+            out.warn(finding.message)
     for warning in plan.warnings:
         out.warn(warning)
     total = sum(s.file_size for s in ckpt.shards) + plan.added_bytes

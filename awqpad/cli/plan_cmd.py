@@ -18,7 +18,7 @@ from awqpad.cli.options import (EngineOpt, ExpertParallelOpt, JsonOpt, PadHeadsO
 from awqpad.cli.output import Output
 from awqpad.engines.launch import launch_command
 from awqpad.engines.profiles import DEFAULT_ENGINE, ENGINES, check_engine
-from awqpad.errors import BlockedError, InputError
+from awqpad.errors import BlockedError, InputError, UnsupportedError
 from awqpad.plan.deploy import KV_DTYPE_BYTES, parse_memory, plan_deployment
 from awqpad.plan.pad_plan import PadPlan, plan_summary
 from awqpad.plan.strategy import DEFAULT_STRATEGY, check_strategy, plan_with_strategy
@@ -181,5 +181,5 @@ def plan(
         summary["fetched_bytes"] = source.fetched_bytes
     summary["next"] = next_commands(result, src)
     out.result(summary, lambda console: render(result, summary, console))
-    if result.blocked:
-        raise typer.Exit(BlockedError.exit_code)
+    if result.blocked:  # an unsupported input is exit 2 whatever the TP; a TP that padding cannot reach is 3
+        raise typer.Exit(UnsupportedError.exit_code if result.unsupported is not None else BlockedError.exit_code)

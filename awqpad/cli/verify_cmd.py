@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -15,7 +14,7 @@ from awqpad.cli.options import JsonOpt, QuietOpt
 from awqpad.cli.output import Output
 from awqpad.engines.profiles import DEFAULT_ENGINE, ENGINE_CHOICES
 from awqpad.errors import InputError, VerifyFailed
-from awqpad.source import resolve_source
+from awqpad.source import bounded_json, resolve_source
 from awqpad.verify import PROVENANCE, VerifyReport, verify_output
 
 HELP = """Check a padded repo written by `awqpad pad`: alone (OUT), or against its source (SRC OUT).
@@ -55,10 +54,11 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for the random inputs
 
 
 def _recorded(out_dir: Path) -> dict:
+    """awqpad.json's defaults for --tp / --engine; {} if it is missing or unusable (the provenance check says why)."""
     try:
-        data = json.loads((Path(out_dir) / PROVENANCE).read_text(encoding="utf-8"))
+        data = bounded_json.read(Path(out_dir) / PROVENANCE, "provenance")
         return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
+    except InputError:
         return {}
 
 

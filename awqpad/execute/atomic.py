@@ -11,8 +11,10 @@
   the two renames leaves OUT missing and the old copy beside it; the next run (under the lock) renames
   it back before anything else.
 
-Test-only hook: AWQPAD_TEST_PAUSE_AT=<point> makes the run announce itself on stderr and sleep at that
-point (`force-swap`: after OUT was moved aside), so tests can SIGKILL it exactly there.
+Test-only hook (tests/test_output_safety.py): AWQPAD_TEST_PAUSE_AT=<point> makes the run announce itself
+on stderr and wait at that point (`install`: output complete, lock held; `force-swap`: after OUT was
+moved aside) until the file named by AWQPAD_TEST_RESUME exists, so tests can SIGKILL it exactly there or
+change the world under it.
 """
 
 from __future__ import annotations
@@ -159,14 +161,19 @@ def recover_leftovers(out: Path, notify: Callable[[str], None]) -> None:
 
 
 def pause_for_tests(point: str) -> None:
-    """Test-only: stop here (see the module docstring)."""
-    if os.environ.get("AWQPAD_TEST_PAUSE_AT") == point:
-        print(f"awqpad-test: paused at {point}", file=sys.stderr, flush=True)
-        time.sleep(600)
+    """Test-only: wait here (see the module docstring)."""
+    if os.environ.get("AWQPAD_TEST_PAUSE_AT") != point:
+        return
+    print(f"awqpad-test: paused at {point}", file=sys.stderr, flush=True)
+    resume = os.environ.get("AWQPAD_TEST_RESUME")
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and not (resume and os.path.exists(resume)):
+        time.sleep(0.05)
 
 
 def install(tmp: Path, out: Path, token: str, replace: bool) -> None:
     """Move the finished `tmp` to `out`; with `replace`, move an existing `out` aside first and delete it last."""
+    pause_for_tests("install")
     if not (replace and os.path.lexists(out)):
         try:
             rename_noreplace(tmp, out)

@@ -49,7 +49,7 @@ class DimChange:
 
 @dataclass(frozen=True)
 class Blocker:
-    engine: str
+    engine: str  # rule "unsupported-layout": the input itself is unsupported (exit 2, see errors.UnsupportedError)
     tp: int
     rule: str
     message: str
@@ -85,6 +85,11 @@ class PadPlan:
     strategy: str = "pad"  # pad | regroup | auto (plan/strategy.py)
     regroup: "RegroupChange | None" = None  # groups split into smaller ones (plan/regroup.py)
     candidates: tuple = ()  # strategy.Candidate rows considered, the chosen one first
+
+    @property
+    def unsupported(self) -> "Blocker | None":
+        """The blocker that is a property of the input, not of the TP size: pad and plan exit 2 for it."""
+        return next((b for b in self.blockers if b.rule == "unsupported-layout"), None)
 
     @property
     def needs_padding(self) -> bool:

@@ -14,6 +14,8 @@ from pathlib import Path
 from awqpad.errors import InputError
 from awqpad.source.hub_common import library_version as _version
 from awqpad.source.hub_common import progress_bars as _progress_bars
+from awqpad.source import bounded_json
+from awqpad.source.paths import check_name
 from awqpad.source.spec import INDEX_NAME, PICKLE_SUFFIXES, SIDE_FILES, Source
 from awqpad.source.spec import where as _where
 
@@ -43,10 +45,9 @@ def _check_weights(root: Path, repo_id: str, commit: str, offline: bool) -> None
     """The snapshot must hold the shards (an offline cache may hold only what inspect/plan fetched)."""
     index = root / INDEX_NAME
     if index.is_file():
-        try:
-            wanted = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return  # read_checkpoint reports a malformed index with the file name
+        wanted = _index_shards(index)
+        if wanted is None:
+            return  # read_checkpoint reports a malformed index (or a name outside SRC) with the file name
         missing = sorted(name for name in wanted if not (root / name).is_file())
     else:
         missing = [] if any(root.glob("*.safetensors")) else ["*.safetensors"]
@@ -194,13 +195,22 @@ def resolve_headers(repo_id: str, revision: str | None) -> Source:
     return Source(where_to, repo_id, commit, is_hub=True, fetched_bytes=fetched)
 
 
+def _index_shards(index: Path) -> set[str] | None:
+    """The shard names of a downloaded index, or None if it is malformed or names anything but plain
+    relative paths (nothing outside the snapshot is even looked at; read_checkpoint says what is wrong)."""
+    try:
+        wanted = set(bounded_json.read(index, "index", strict=True)["weight_map"].values())
+        for name in wanted:
+            check_name(name, str(index))
+    except (InputError, KeyError, TypeError, AttributeError):
+        return None
+    return wanted
+
+
 def _snapshot_has_weights(snapshot: Path) -> bool:
     index = snapshot / INDEX_NAME
     if index.is_file():
-        try:
-            wanted = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return False
+        wanted = _index_shards(index)
         return bool(wanted) and all((snapshot / name).is_file() for name in wanted)
     return any(snapshot.glob("*.safetensors"))
 
@@ -211,13 +221,13 @@ def _header_estimates(index: Path | None) -> dict[str, int]:
     if index is None:
         return {}
     try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        weight_map = bounded_json.read(index, "index", strict=True)["weight_map"]
         estimates: dict[str, int] = {}
         for name, shard in weight_map.items():
             # "name":{"dtype":"BF16","shape":[a,b],"data_offsets":[c,d]}, with room for 12-digit offsets
             estimates[shard] = estimates.get(shard, 512) + len(name) + 100
         return estimates
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (InputError, KeyError, TypeError, AttributeError):
         return {}
 
 
@@ -294,6 +304,8 @@ def _materialise(root: Path, files: dict[str, Path], headers: dict[str, bytes], 
 
 def _write_headers_dir(dest: Path, files: dict[str, Path], headers: dict[str, bytes], sizes: dict[str, int | None],
                        pickles: list[str], manifest: dict) -> None:
+    for name in [*files, *headers, *pickles]:  # names come from the Hub's file listing: plain names only
+        check_name(name, "the Hub's file listing")
     for name, src in files.items():
         shutil.copyfile(src, dest / name)
     for name, raw in headers.items():

@@ -46,7 +46,7 @@ def geometry(prefix: str, parts: dict, mq, quant) -> Geometry:
     group = k // groups
     if groups == 1 and (mq is None or mq.group_size in (-1, k)):
         group = -1
-    elif mq is not None and mq.group_size not in (-1, group):
+    elif mq is not None and mq.group_size != group:  # incl. -1 (per-channel) against tensors with several groups
         raise InputError(
             f"{prefix}: tensors give group size {group} but quantization_config says {mq.group_size}"
         )
