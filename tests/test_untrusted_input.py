@@ -206,3 +206,41 @@ def test_unreadable_src(src):
         one_line_error(cli("inspect", src), 2, "cannot read")
     finally:
         src.chmod(0o755)
+
+
+# --- verify: the same rules, plus the safetensors library's own reading of OUT --------------------
+
+
+def test_malformed_awqpad_json_given_to_verify(src, tmp_path):
+    out = tmp_path / "out"
+    assert cli("pad", src, out, "--tp", "4", "--quiet")[0] == 0
+    (out / "awqpad.json").write_text("[" * 10000 + "]" * 10000)
+    code, stdout, err = cli("verify", out, "--tp", "4", "--json")
+    assert code == 1 and "Traceback" not in err and "internal error" not in err, (code, err)
+    provenance = next(c for c in json.loads(stdout)["checks"] if c["name"] == "provenance")
+    assert not provenance["ok"] and "nested" in provenance["detail"]
+
+
+def test_verify_opens_every_output_shard_with_safetensors(src, tmp_path):
+    out = tmp_path / "out"
+    assert cli("pad", src, out, "--tp", "4", "--quiet")[0] == 0
+    code, stdout, err = cli("verify", src, out, "--tp", "4", "--json")
+    assert code == 0, err
+    structure = next(c for c in json.loads(stdout)["checks"] if c["name"] == "structure")
+    assert structure["ok"] and structure["figures"]["library_opened"] == len(list(out.glob("*.safetensors"))) == 2
+
+
+def test_verify_fails_an_output_shard_with_a_bool_in_a_shape(src, tmp_path):
+    """The reported defect: bool passed Python's int check, so verify passed a shard safetensors rejects."""
+    out = tmp_path / "out"
+    assert cli("pad", src, out, "--tp", "4", "--quiet")[0] == 0
+
+    def mutate(h):
+        name = first_tensor(h, "input_layernorm.weight")
+        h[name]["shape"] = [True] + h[name]["shape"]  # same byte count
+
+    rewrite_header(out / SHARD1, mutate)
+    code, stdout, _ = cli("verify", out, "--tp", "4", "--json")
+    assert code == 1
+    structure = next(c for c in json.loads(stdout)["checks"] if c["name"] == "structure")
+    assert not structure["ok"] and SHARD1 in structure["detail"]

@@ -4,8 +4,8 @@ config updates, and (with SRC) with SRC plus exactly the recorded changes."""
 from __future__ import annotations
 
 import copy
-import json
 
+from awqpad.source import bounded_json
 from awqpad.verify.context import MAX_LISTED, Check, VerifyContext, make_check
 from awqpad.verify.structure import PROVENANCE
 
@@ -38,7 +38,7 @@ def check_index(ctx: VerifyContext) -> list[Check]:
     problems = [f.message for f in out.findings if "index" in f.message]
     figures: dict = {"index": out.index_file}
     if out.index_file is not None:
-        index = json.loads((ctx.root / out.index_file).read_text(encoding="utf-8"))
+        index = bounded_json.read(ctx.root / out.index_file, "index", strict=True)  # read_checkpoint validated it
         weight_map = index.get("weight_map", {})
         total = (index.get("metadata") or {}).get("total_size")
         actual = sum(t.nbytes for t in out.tensors.values())
@@ -46,7 +46,7 @@ def check_index(ctx: VerifyContext) -> list[Check]:
         if total is not None and total != actual:
             problems.append(f"{out.index_file} metadata.total_size is {total} but the tensors hold {actual} bytes")
         if src is not None and src.index_file is not None:
-            src_map = json.loads((src.source.root / src.index_file).read_text(encoding="utf-8")).get("weight_map", {})
+            src_map = bounded_json.read(src.source.root / src.index_file, "index", strict=True).get("weight_map", {})
             for name in sorted(set(src_map) - set(weight_map))[:MAX_LISTED]:
                 problems.append(f"{out.index_file} does not list {name} (SRC's index does)")
             for name in sorted(n for n in set(src_map) & set(weight_map) if src_map[n] != weight_map[n])[:MAX_LISTED]:

@@ -13,9 +13,9 @@ from pathlib import Path
 from awqpad.checkpoint.formats.base import Fill, Insert, TensorOp
 from awqpad.checkpoint.model import Checkpoint, read_checkpoint
 from awqpad.engines.profiles import ENGINE_CHOICES
-from awqpad.errors import AwqpadError
+from awqpad.errors import AwqpadError, InputError
 from awqpad.serialize import to_data
-from awqpad.source import Source
+from awqpad.source import Source, bounded_json
 from awqpad.verify.context import MAX_LISTED, Check, Provenance, VerifyContext, make_check
 
 PROVENANCE = "awqpad.json"
@@ -28,9 +28,9 @@ def read_record(root: Path) -> tuple[dict | None, str | None]:
     if not path.is_file():
         return None, "missing"
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return None, f"{PROVENANCE} is not valid JSON ({exc})"
+        data = bounded_json.read(path, "provenance", PROVENANCE)
+    except InputError as exc:  # not JSON, too big, too deep: the provenance check fails with this line
+        return None, exc.message
     if not isinstance(data, dict):
         return None, f"{PROVENANCE} is not a JSON object"
     return data, None
@@ -113,11 +113,32 @@ def _compare_ops(recorded, derived) -> list[str]:
 
 
 def open_out(out_source: Source) -> tuple[Checkpoint | None, str | None]:
-    """(OUT as a checkpoint, None) or (None, the reader's message)."""
+    """(OUT as a checkpoint, None) or (None, the reader's message). Besides awqpad's own reader, every shard
+    is opened with the safetensors library itself, which is what engines load it with, and must show the
+    same tensors, dtypes and shapes."""
     try:
-        return read_checkpoint(out_source), None
+        out = read_checkpoint(out_source)
     except AwqpadError as exc:
         return None, exc.message
+    problem = library_view_problem(out)
+    return (None, problem) if problem else (out, None)
+
+
+def library_view_problem(ckpt: Checkpoint) -> str | None:
+    from safetensors import safe_open
+
+    for shard in ckpt.shards:
+        try:
+            with safe_open(str(ckpt.source.root / shard.filename), framework="numpy") as f:
+                seen = {name: f.get_slice(name) for name in f.keys()}
+                view = {name: (sl.get_dtype(), tuple(sl.get_shape())) for name, sl in seen.items()}
+        except Exception as exc:  # the library's own error types vary by version
+            return f"{shard.filename}: the safetensors library rejects it ({str(exc).splitlines()[0][:200]})"
+        ours = {name: (info.dtype, info.shape) for name, info in shard.tensors.items()}
+        if view != ours:
+            differ = sorted(n for n in view.keys() | ours.keys() if view.get(n) != ours.get(n))
+            return f"{shard.filename}: the safetensors library reads it differently (e.g. {differ[0]!r})"
+    return None
 
 
 def resolve_provenance(record: dict | None, record_error: str | None, src: Checkpoint | None,
@@ -146,8 +167,9 @@ def check_structure(ctx: VerifyContext) -> list[Check]:
     if o is None:
         return [make_check("structure", [ctx.out_error], "")]
     return [make_check("structure", [], f"{len(o.shards)} shard(s), {len(o.tensors)} tensors, {len(o.linears)} linears, "
-                       f"{len(o.mlps)} MLP blocks ({o.format})",
-                       {"shards": len(o.shards), "tensors": len(o.tensors), "bytes": o.total_bytes, "format": o.format})]
+                       f"{len(o.mlps)} MLP blocks ({o.format}); the safetensors library reads every shard alike",
+                       {"shards": len(o.shards), "tensors": len(o.tensors), "bytes": o.total_bytes, "format": o.format,
+                        "library_opened": len(o.shards)})]
 
 
 def check_provenance(ctx: VerifyContext) -> list[Check]:
