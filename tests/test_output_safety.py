@@ -72,6 +72,20 @@ def test_force_killed_between_the_renames_keeps_the_old_out(good, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_force_terminated_between_the_renames_puts_the_old_out_back_at_once(good, tmp_path):
+    out = tmp_path / "out"
+    assert cli("pad", good, out, "--tp", "2", "--quiet")[0] == 0
+    before = snapshot(out)
+    proc = start("pad", good, out, "--tp", "4", "--force", pause="force-swap", resume=tmp_path / "never")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 4
+    err = proc.stderr.read()
+    proc.stderr.close()
+    assert "interrupted" in err and "Traceback" not in err
+    assert snapshot(out) == before and recorded_tp(out) == [2]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 def test_second_run_into_the_same_out_is_refused_while_the_first_holds_it(good, tmp_path):
     out = tmp_path / "out"
     resume = tmp_path / "resume"

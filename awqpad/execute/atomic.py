@@ -182,10 +182,10 @@ def install(tmp: Path, out: Path, token: str, replace: bool) -> None:
         return
     old = out.parent / f".{out.name}{OLD_TAG}{token}"
     rename_noreplace(out, old)
-    pause_for_tests("force-swap")
     try:
+        pause_for_tests("force-swap")
         rename_noreplace(tmp, out)
-    except OSError:
+    except BaseException:  # a failed rename, or SIGTERM / Ctrl-C right here
         try:
             rename_noreplace(old, out)  # put the old OUT back; if even that fails, the next run restores it
         except OSError:
