@@ -19,6 +19,8 @@ ROLES = MappingProxyType(
         "q": "column", "k": "column", "v": "column", "qkv": "column", "o": "row",
         "gate": "column", "up": "column", "gate_up": "column", "down": "row",
         "mla": "column",  # DeepSeek MLA low-rank projections: never padded
+        "linear_in": "column",  # Qwen3-Next Gated DeltaNet in_proj_qkvz / in_proj_ba: never padded
+        "linear_out": "row",  # Gated DeltaNet out_proj: never padded
         "router": "replicated",
     }
 )
@@ -116,6 +118,16 @@ MOE_MIXTRAL = (  # Mixtral: w1 = gate, w3 = up, w2 = down
     _p(r"layers\.{L}\.block_sparse_moe\.experts\.{E}\.w2", "down", "expert"),
     _p(r"layers\.{L}\.block_sparse_moe\.gate", "router", "router"),
 )
+MOE_MINIMAX = (  # MiniMax-M2 (HF checkpoint names): Mixtral-style w1/w3/w2 experts, sigmoid router
+    _p(r"layers\.{L}\.block_sparse_moe\.experts\.{E}\.w1", "gate", "expert"),
+    _p(r"layers\.{L}\.block_sparse_moe\.experts\.{E}\.w3", "up", "expert"),
+    _p(r"layers\.{L}\.block_sparse_moe\.experts\.{E}\.w2", "down", "expert"),
+    _p(r"layers\.{L}\.block_sparse_moe\.gate", "router", "router"),
+)
+LINEAR_ATTN_QWEN3_NEXT = (  # Qwen3-Next Gated DeltaNet layers (every layer but each full_attention_interval-th)
+    _p(r"layers\.{L}\.linear_attn\.(?:in_proj_qkvz|in_proj_ba)", "linear_in", "attn"),
+    _p(r"layers\.{L}\.linear_attn\.out_proj", "linear_out", "attn"),
+)
 
 # Modules under these prefixes belong to vision towers / projectors and are never touched.
 VISION_PREFIXES = re.compile(
@@ -176,6 +188,15 @@ FAMILIES = (
     Family("deepseek_v2", ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"), ("deepseek_v2", "deepseek_v3"),
            ATTN_MLA + MLP_GATED + MOE_QWEN + SHARED_DEEPSEEK, _keys(shared=None, kv_heads=None, head_dim=None),
            "transformers models/deepseek_v2, models/deepseek_v3", mla=True, shared_factor_key="n_shared_experts"),
+    Family("minimax_m2", ("MiniMaxM2ForCausalLM",), ("minimax_m2",), ATTN_QKVO + MOE_MINIMAX,
+           _keys(expert="intermediate_size", dense=None, shared=None),
+           "transformers models/minimax_m2; MiniMaxAI/MiniMax-M2 checkpoint names (block_sparse_moe.experts.N.w1/w3/w2)"),
+    Family("glm4_moe", ("Glm4MoeForCausalLM",), ("glm4_moe",), ATTN_QKVO + MLP_GATED + MOE_QWEN + SHARED_DEEPSEEK,
+           _keys(shared=None), "transformers models/glm4_moe (Glm4MoeMoE: shared_experts width = "
+           "moe_intermediate_size * n_shared_experts)", shared_factor_key="n_shared_experts"),
+    Family("qwen3_next", ("Qwen3NextForCausalLM",), ("qwen3_next",),
+           ATTN_QKVO + LINEAR_ATTN_QWEN3_NEXT + MLP_GATED + MOE_QWEN + SHARED_QWEN2_MOE, _keys(),
+           "transformers models/qwen3_next (Qwen3NextSparseMoeBlock, Qwen3NextGatedDeltaNet)"),
     Family("chatglm", ("ChatGLMModel", "ChatGLMForConditionalGeneration"), ("chatglm",), ATTN_CHATGLM + MLP_CHATGLM,
            _keys(layers="num_layers", kv_heads="multi_query_group_num", head_dim="kv_channels", dense="ffn_hidden_size",
                  expert=None, shared=None), "THUDM/glm-4-9b-chat modeling_chatglm.py"),

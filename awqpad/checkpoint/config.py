@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from awqpad.checkpoint.formats import fp8_config
 from awqpad.errors import InputError, UnsupportedError
 from awqpad.source import bounded_json
 from awqpad.source.paths import source_file
@@ -291,17 +292,25 @@ def module_quant(q: QuantConfig, module: str) -> ModuleQuant | None:
             return None
         return ModuleQuant(q.bits or 4, q.group_size or 16, True)
     if q.method == "compressed-tensors":
-        if any(_ct_target_matches(t, module) for t in q.not_converted):
-            return None
-        for group in q.ct_groups:
-            if any(_ct_target_matches(t, module) for t in group.get("targets", ())):
-                w = group.get("weights") or {}
-                strategy = w.get("strategy", "group")
-                gsize = -1 if strategy in ("channel", "tensor") else int(w.get("group_size") or 128)
-                return ModuleQuant(
-                    int(w.get("num_bits", 4)), gsize, bool(w.get("symmetric", True)), w.get("actorder") == "group"
-                )
+        group = ct_group_for(q, module)
+        if group is not None:
+            w = group.get("weights") or {}
+            strategy = w.get("strategy", "group")
+            gsize = -1 if strategy in ("channel", "tensor") else int(w.get("group_size") or 128)
+            return ModuleQuant(
+                int(w.get("num_bits", 4)), gsize, bool(w.get("symmetric", True)), w.get("actorder") == "group"
+            )
         return None
+    return None
+
+
+def ct_group_for(q: QuantConfig, module: str) -> dict | None:
+    """The compressed-tensors config group whose targets match `module` (None: ignored or unmatched)."""
+    if any(_ct_target_matches(t, module) for t in q.not_converted):
+        return None
+    for group in q.ct_groups:
+        if any(_ct_target_matches(t, module) for t in group.get("targets", ())):
+            return group
     return None
 
 
@@ -340,12 +349,16 @@ def check_supported_quant(q: QuantConfig, where: Path) -> None:
     elif q.method == "compressed-tensors" and q.checkpoint_format == "nvfp4-pack-quantized":
         check_ct_nvfp4(q, where)
     elif q.method == "compressed-tensors":
-        if q.checkpoint_format not in ("pack-quantized", ""):
+        if q.checkpoint_format not in ("pack-quantized", "float-quantized", ""):
             raise UnsupportedError(
-                f"{where}: compressed-tensors format {q.checkpoint_format!r} is not supported; only 'pack-quantized'"
+                f"{where}: compressed-tensors format {q.checkpoint_format!r} is not supported; only 'pack-quantized' "
+                "and 'float-quantized' (FP8)"
             )
         for group in q.ct_groups:
             w = group.get("weights") or {}
+            if w.get("type") == "float":
+                fp8_config.check_ct_float(group, where)  # FP8 W8A8 too: padding is exact for any activation scheme
+                continue
             if w.get("type", "int") != "int" or int(w.get("num_bits", 4)) not in (4, 8):
                 raise UnsupportedError(
                     f"{where}: compressed-tensors group {group['_name']!r} ({w.get('type')}, {w.get('num_bits')} bits) "
@@ -356,6 +369,8 @@ def check_supported_quant(q: QuantConfig, where: Path) -> None:
                     f"{where}: compressed-tensors group {group['_name']!r} quantizes activations; only weight-only "
                     "(W4A16/W8A16) schemes are supported"
                 )
+    elif q.method == "fp8":
+        fp8_config.check_native(q, where)
     elif q.method != "none":
         label = {"fp8": "FP8", "bitsandbytes": "bitsandbytes", "hqq": "HQQ", "exl2": "EXL2"}.get(q.method, q.method)
         raise UnsupportedError(

@@ -41,6 +41,7 @@ class Linear:
     sym: bool = True
     desc_act: bool = False
     gptq_v2: bool = False
+    block_n: int | None = None  # FP8 block scales: outputs per scale row (group_size is the block along K)
 
     @property
     def quantized(self) -> bool:
@@ -186,6 +187,7 @@ def _describe_linear(prefix, pattern, match, parts, quant: QuantConfig) -> Linea
         sym=mq.sym if mq is not None else True,
         desc_act=("g_idx" in parts or "weight_g_idx" in parts) and bool(mq and mq.desc_act),
         gptq_v2=fmt is formats.gptq and quant.checkpoint_format == "gptq_v2",
+        block_n=geo.block_n,
     )
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from awqpad.checkpoint.formats import float8
 from awqpad.errors import UnsupportedError
 
 # Midpoint words: every nibble / byte = 2^(b-1), the code whose (q - zero) is 0 when zero is the midpoint.
@@ -124,29 +125,16 @@ def to_float64(array: np.ndarray, dtype: str) -> np.ndarray:
     return array.astype(np.float64)
 
 
-def _e4m3fn(code: int) -> float:
-    """OCP float8 e4m3fn (torch.float8_e4m3fn): bias 7, no infinities, only S.1111.111 is NaN."""
-    sign = -1.0 if code & 0x80 else 1.0
-    exp, man = (code >> 3) & 0xF, code & 7
-    if exp == 15 and man == 7:
-        return float("nan")
-    return sign * (man / 8 * 2.0**-6 if exp == 0 else (1 + man / 8) * 2.0 ** (exp - 7))
-
-
-E4M3FN = np.array([_e4m3fn(c) for c in range(256)], dtype=np.float64)  # byte -> value
-FLOAT8_DTYPES = {"F8_E4M3": E4M3FN}
+E4M3FN = float8.E4M3FN  # byte -> value (float8.py decodes e4m3fn and e4m3fnuz)
+FLOAT8_DTYPES = float8.TABLES
 
 
 def fill_bytes(dtype: str, value: float | int) -> bytes:
     """One element of `dtype` holding `value`, as raw little-endian bytes."""
-    table = FLOAT8_DTYPES.get(dtype)
-    if table is not None:
-        # Encode only values the format holds exactly; +0.0 is byte 0x00, never 0x80 (-0.0 in
-        # e4m3fn, NaN in ROCm's e4m3fnuz).
-        hits = [c for c in range(256) if table[c] == value and not (value == 0 and c & 0x80)]
-        if not hits:
-            raise UnsupportedError(f"{value!r} is not exactly representable in {dtype}")
-        return bytes([hits[0]])
+    if dtype.startswith("F8_"):
+        # Only values the format holds exactly; +0.0 is byte 0x00, never 0x80 (-0.0 in e4m3fn, NaN in
+        # ROCm's e4m3fnuz).
+        return float8.encode(dtype, value)
     if dtype == "BF16":
         return (np.array([value], np.float32).view(np.uint32) >> 16).astype("<u2").tobytes()
     np_type = NUMPY_DTYPES.get(dtype)
@@ -165,6 +153,7 @@ class Geometry:
     group_size: int | None = None  # -1: one group over the whole input (per-channel)
     groups: int | None = None
     notes: tuple[str, ...] = field(default=())
+    block_n: int | None = None  # FP8 block scales: outputs per scale row (1: per-channel)
 
 
 # --- regrouping: split every quantization group into r smaller ones (weights untouched) ----------
