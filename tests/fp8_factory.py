@@ -61,6 +61,10 @@ def bf16_value(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
 
 
+MLA = (96, 64, 64, 128, 128)  # q_lora_rank, kv_lora_rank, qk_rope_head_dim, qk_nope_head_dim, v_head_dim
+GDN = (4, 8, 128, 128)  # Qwen3-Next linear_num_key_heads, linear_num_value_heads, linear_key_head_dim, linear_value_head_dim
+
+
 @dataclass
 class Spec:
     arch: str = "qwen3_moe"
@@ -83,6 +87,8 @@ class Spec:
     vocab: int = 512
     linear_every: int = 2  # Qwen3-Next full_attention_interval
     quantize_linear_ba: bool = False  # Qwen3-Next: in_proj_ba in FP8 too (engines then check its per-rank 2 x heads / t)
+    mla: tuple = MLA  # DeepSeek: q_lora_rank, kv_lora_rank, qk_rope_head_dim, qk_nope_head_dim, v_head_dim
+    gdn: tuple = GDN  # Qwen3-Next: linear_num_key_heads, linear_num_value_heads, linear_key_head_dim, linear_value_head_dim
     extra_config: dict = field(default_factory=dict)
 
 
@@ -94,7 +100,7 @@ def _attn(s: Spec, p: str, layer: int) -> list[tuple[str, str, tuple]]:
     """(name, kind, shape): kind 'lin' (FP8 linear, name is the prefix), 'norm', 'bias', 'plain'."""
     H, hd = s.hidden, s.head_dim
     if s.arch == "deepseek_v3":
-        q_lora, kv_lora, rope, nope, v = 96, 64, 32, 32, 32
+        q_lora, kv_lora, rope, nope, v = s.mla
         return [(f"{p}.self_attn.q_a_proj", "lin", (q_lora, H)), (f"{p}.self_attn.q_a_layernorm.weight", "norm", (q_lora,)),
                 (f"{p}.self_attn.q_b_proj", "lin", (s.heads * (nope + rope), q_lora)),
                 (f"{p}.self_attn.kv_a_proj_with_mqa", "lin", (kv_lora + rope, H)),
@@ -102,7 +108,7 @@ def _attn(s: Spec, p: str, layer: int) -> list[tuple[str, str, tuple]]:
                 (f"{p}.self_attn.kv_b_proj", "lin", (s.heads * (nope + v), kv_lora)),
                 (f"{p}.self_attn.o_proj", "lin", (H, s.heads * v))]
     if s.arch == "qwen3_next" and (layer + 1) % s.linear_every:
-        kh, vh, kd, vd = 2, 4, 64, 64
+        kh, vh, kd, vd = s.gdn
         return [(f"{p}.linear_attn.in_proj_qkvz", "lin", (2 * kh * kd + 2 * vh * vd, H)),
                 (f"{p}.linear_attn.in_proj_ba", "lin" if s.quantize_linear_ba else "plain", (2 * vh, H)),
                 (f"{p}.linear_attn.out_proj", "lin", (H, vh * vd)),
@@ -211,14 +217,14 @@ def config(s: Spec) -> dict:
     elif s.arch == "qwen3_next":
         c.update(intermediate_size=4 * s.hidden, moe_intermediate_size=s.moe_intermediate, num_experts=s.experts,
                  num_experts_per_tok=2, shared_expert_intermediate_size=s.shared, full_attention_interval=s.linear_every,
-                 linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=64, linear_value_head_dim=64,
-                 linear_conv_kernel_dim=4, decoder_sparse_step=1, mlp_only_layers=[], partial_rotary_factor=0.25)
+                 linear_conv_kernel_dim=4, **dict(zip(("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+                                                       "linear_value_head_dim"), s.gdn)), decoder_sparse_step=1, mlp_only_layers=[], partial_rotary_factor=0.25)
     elif s.arch in ("deepseek_v3", "glm4_moe"):
         c.update(intermediate_size=s.intermediate, moe_intermediate_size=s.moe_intermediate, n_routed_experts=s.experts,
                  n_shared_experts=s.n_shared, first_k_dense_replace=s.first_k_dense, num_experts_per_tok=2,
                  n_group=1, topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=True)
         if s.arch == "deepseek_v3":
-            c.update(q_lora_rank=96, kv_lora_rank=64, qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=32)
+            c.update(dict(zip(("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"), s.mla)))
             c.pop("head_dim")
         else:
             c["attention_bias"] = True

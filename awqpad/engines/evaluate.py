@@ -10,7 +10,8 @@ import math
 from dataclasses import dataclass
 
 from awqpad.checkpoint.model import Checkpoint
-from awqpad.engines.nvfp4_rules import engine_rules
+from awqpad.engines import fp8_rules
+from awqpad.engines.fp8_rules import rules_for, runs_at
 from awqpad.engines.profiles import Rule
 
 MLP_KINDS = ("dense", "shared", "expert")
@@ -49,9 +50,13 @@ def group_sizes(rule: Rule) -> tuple[int, ...]:
     return (int(spec),)
 
 
-def multiple_of(rule: Rule, t: int, group: int | None, bits: int | None) -> int:
+def multiple_of(rule: Rule, t: int, group: int | None, bits: int | None, block_n: int | None = None) -> int:
     g = group if group and group > 0 else 1
     spec = rule.multiple
+    if spec == "block_n":
+        return block_n or 1
+    if spec == "block_k":
+        return g
     if spec == "t":
         return t
     if spec == "group":
@@ -74,6 +79,7 @@ class Subject:
     group: int | None
     bits: int | None
     format: str | None = None
+    block_n: int | None = None  # FP8 block scales: outputs per scale row
 
 
 def mlp_subject(ckpt: Checkpoint, kind: str, part: str) -> Subject | None:
@@ -81,7 +87,7 @@ def mlp_subject(ckpt: Checkpoint, kind: str, part: str) -> Subject | None:
     if not blocks:
         return None
     lin = blocks[0].linears[-1] if part == "K_r" else blocks[0].linears[0]
-    return Subject(kind, lin.quantized, lin.group_size, lin.bits, lin.format)
+    return Subject(kind, lin.quantized, lin.group_size, lin.bits, lin.format, lin.block_n)
 
 
 def attn_subject(ckpt: Checkpoint, part: str) -> Subject | None:
@@ -94,11 +100,11 @@ def attn_subject(ckpt: Checkpoint, part: str) -> Subject | None:
 
 def constraint(rule: Rule, t: int, subject: Subject) -> tuple[int, int]:
     """(c, M): a paddable width W satisfies the rule iff c * W % M == 0."""
-    m = multiple_of(rule, t, subject.group, subject.bits)
+    m = multiple_of(rule, t, subject.group, subject.bits, subject.block_n)
     part = rule.quantity.split(".")[1]
     if part == "W":
         return 1, m
-    if part == "K_r":
+    if part in ("K_r", "P_r"):  # P_r: each column partition of gate_up, W / t
         return 1, t * m
     return 2, t * m  # N_r of merged gate_up = 2W / t
 
@@ -121,10 +127,14 @@ def evaluate(ckpt: Checkpoint, engine: str, t: int, widths: dict[str, int] | Non
         return Violation(engine, t, rule.id, rule.quantity, value, m, rule.severity, paddable, text, explanation, rule.source,
                          rule.path, rule.fallback_to)
 
-    for rule in engine_rules(engine, ckpt):
+    for rule in rules_for(engine, ckpt):
         result: Violation | None = None
         q = rule.quantity
-        if q == "heads":
+        if q.startswith("linear."):
+            found = fp8_rules.linear_violations(ckpt, rule, t, 1) if runs_at(rule, t) else None
+            if found is not None:
+                result = fail(rule, found[0], found[1], False, found[2])
+        elif q == "heads":
             if dims.heads and dims.heads % t:
                 result = fail(rule, dims.heads, t, False, f"{dims.heads} attention heads do not split over {t} GPUs")
         elif q == "kv_heads":
@@ -166,13 +176,14 @@ def evaluate(ckpt: Checkpoint, engine: str, t: int, widths: dict[str, int] | Non
             kind, part = q.split(".")
             subject = mlp_subject(ckpt, kind, part)
             split = 1 if kind == "expert" and expert_parallel else t  # the TP this MLP is split over
-            if subject is not None and applies(rule, subject):
+            if subject is not None and applies(rule, subject) and runs_at(rule, split):
                 width = widths.get(kind, ckpt.dims.widths[kind][-1])
                 c, big_m = constraint(rule, split, subject)
                 if (c * width) % big_m:
-                    m = multiple_of(rule, split, subject.group, subject.bits)
-                    value = {"W": width, "K_r": width / split, "N_r": 2 * width / split}[part]
-                    label = {"W": "width", "K_r": "down_proj input per rank", "N_r": "gate_up output per rank"}[part]
+                    m = multiple_of(rule, split, subject.group, subject.bits, subject.block_n)
+                    value = {"W": width, "K_r": width / split, "N_r": 2 * width / split, "P_r": width / split}[part]
+                    label = {"W": "width", "K_r": "down_proj input per rank", "N_r": "gate_up output per rank",
+                             "P_r": "gate / up output per rank"}[part]
                     result = fail(rule, _num(value), m, True,
                                   f"{KIND_LABEL[kind]} {label} {_num(value)} is not a multiple of {m}", split)
         if rule.any_of:
@@ -212,7 +223,7 @@ def attention_violations(ckpt: Checkpoint, engine: str, t: int, heads: int | Non
         return Violation(engine, t, rule.id, rule.quantity, value, m, rule.severity, False, text, explanation, rule.source,
                          rule.path, rule.fallback_to)
 
-    for rule in engine_rules(engine, ckpt):
+    for rule in rules_for(engine, ckpt):
         q = rule.quantity
         if q not in HEAD_QUANTITIES or rule.any_of:
             continue

@@ -26,6 +26,7 @@ from awqpad.checkpoint.model import Checkpoint
 from awqpad.checkpoint.header import tensor_nbytes
 from awqpad.errors import InputError, OutputError
 from awqpad.execute.atomic import PARTIAL_TAG, install, output_lock, output_os_error, recover_leftovers, remove_tree
+from awqpad.execute.fp8_preflight import check_padding_regions
 from awqpad.execute.shard_writer import shard_output_size, write_shard
 from awqpad.plan.pad_plan import PadPlan, plan_summary
 from awqpad.serialize import to_data
@@ -207,6 +208,7 @@ def pad_to_directory(ckpt: Checkpoint, plan: PadPlan, out: Path, *, force: bool 
     src = ckpt.source.root
     sides = side_files(src, follow_symlinks)  # every input is validated before anything is written
     check_destination(src, out, force)
+    check_padding_regions(ckpt, plan)
     with output_lock(out):
         try:
             recover_leftovers(out, notify)

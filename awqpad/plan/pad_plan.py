@@ -17,7 +17,7 @@ from awqpad.checkpoint import formats
 from awqpad.checkpoint.model import Checkpoint, MLPBlock
 from awqpad.checkpoint.config import check_supported_quant
 from awqpad.checkpoint.foreign import refuse
-from awqpad.engines.nvfp4_rules import engine_rules
+from awqpad.engines.fp8_rules import is_fp8, notes_for, rules_for, runs_at
 from awqpad.engines.profiles import ENGINE_NOTES, engines_for
 from awqpad.errors import UnsupportedError
 from awqpad.checkpoint.formats.base import Fill, LogicalInsert, TensorOp, make_op
@@ -113,8 +113,8 @@ def _constraints(ckpt: Checkpoint, kind: str, engines, tps) -> tuple[list[tuple[
     """Conjunctive (c, M, rule) constraints on width W of `kind`, plus OR-groups of alternatives."""
     fixed, groups = [], {}
     for engine, t in itertools.product(engines, tps):
-        for rule in engine_rules(engine, ckpt):
-            if "." not in rule.quantity or rule.quantity.split(".")[0] != kind:
+        for rule in rules_for(engine, ckpt):
+            if not runs_at(rule, t) or "." not in rule.quantity or rule.quantity.split(".")[0] != kind:
                 continue
             subject = mlp_subject(ckpt, kind, rule.quantity.split(".")[1])
             if subject is None or not applies(rule, subject):
@@ -154,7 +154,9 @@ def _format_step(ckpt: Checkpoint, kind: str) -> int:
             continue
         for lin in block.linears:
             if lin.quantized:
-                step = math.lcm(step, 8, lin.group_size if lin.group_size and lin.group_size > 0 else 1)
+                # whole groups / FP8 blocks (block_n on gate/up outputs, block_k on down inputs) and packed words
+                step = math.lcm(step, 1 if lin.format == "fp8" else 8,
+                                lin.group_size if lin.group_size and lin.group_size > 0 else 1, lin.block_n or 1)
         break
     return step
 
@@ -213,7 +215,8 @@ def make_plan(ckpt: Checkpoint, tps: tuple[int, ...], engine: str = "vllm", skip
     before = [v for e in engines for t in tps for v in evaluate(ckpt, e, t, expert_parallel=ep)]
     blockers: list[Blocker] = []
     warnings: list[str] = []
-    notes = [ENGINE_NOTES[e] for e in engines if e in ENGINE_NOTES]
+    notes = [ENGINE_NOTES[e] for e in engines if e in ENGINE_NOTES and not is_fp8(ckpt)]
+    notes += [n for e in engines for n in notes_for(e, ckpt) if n not in notes]
     if ckpt.foreign is not None:
         notes.append(ckpt.foreign.summary)
     try:
