@@ -17,6 +17,7 @@ from awqpad.checkpoint import formats
 from awqpad.checkpoint.model import Checkpoint, MLPBlock
 from awqpad.checkpoint.config import check_supported_quant
 from awqpad.checkpoint.foreign import refuse
+from awqpad.checkpoint.formats import fp8_config
 from awqpad.engines.fp8_rules import is_fp8, notes_for, rules_for, runs_at
 from awqpad.engines.profiles import ENGINE_NOTES, engines_for
 from awqpad.errors import UnsupportedError
@@ -221,7 +222,7 @@ def make_plan(ckpt: Checkpoint, tps: tuple[int, ...], engine: str = "vllm", skip
         notes.append(ckpt.foreign.summary)
     try:
         check_supported_quant(ckpt.quant, ckpt.source.root / "config.json")
-        unsupported = None
+        unsupported = fp8_config.tensor_mismatch(ckpt)
     except UnsupportedError as exc:
         unsupported = exc.message
 

@@ -97,3 +97,14 @@ def describe(q) -> list[str]:
     if raw.get("scale_fmt"):
         parts.append(f"scale_fmt {raw['scale_fmt']} (power-of-two scales; padding uses 1.0 = 2^0)")
     return ["FP8 e4m3 " + ", ".join(parts)]
+
+
+def tensor_mismatch(ckpt) -> str | None:
+    """A config that says FP8 over tensors of another format (e.g. AWQ qweight): which module, or None."""
+    if ckpt.quant.method != "fp8":
+        return None
+    other = next((lin for lin in ckpt.linears if lin.quantized and lin.format != "fp8"), None)
+    if other is None:
+        return None
+    return (f"quantization_config says FP8 (quant_method 'fp8') but {other.prefix} holds {other.format} tensors; "
+            "the config and the weights disagree")
