@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from awqpad.checkpoint import formats
-from awqpad.checkpoint.formats import nvfp4
+from awqpad.checkpoint.formats import fp8, nvfp4
 from awqpad.checkpoint.formats.base import Fill, TensorOp, bf16_to_f32, fill_bytes
 from awqpad.checkpoint.model import Linear
 from awqpad.execute.tensor_io import ARRAY_DTYPES, RAW_DTYPES, itemsize
@@ -81,13 +81,14 @@ def check_zeros(ctx: VerifyContext) -> list[Check]:
                 found.append(str(exc))
                 ranges = []
             arrays = {part: map_array(ctx.root, info) for part, info in lin.parts.items()}
-            for reader in formats.BY_NAME[lin.format].readers(lin):
+            fmt = formats.BY_NAME[lin.format]
+            for reader in getattr(fmt, "zero_readers", fmt.readers)(lin):
                 readers_seen.add(reader)
                 for dim, start, stop in ranges:
                     for variant, keep in _variants(lin, dim):
                         try:
                             with np.errstate(all="ignore"):
-                                w = shard_slice.dequantize(shard_slice.take(arrays, lin, dim, start, stop, replicate=keep), lin, reader)
+                                w = _padded_weights(arrays, lin, dim, start, stop, keep, reader)
                         except shard_slice.ShardError as exc:
                             found.append(f"{lin.prefix}: padded {what[dim]} [{start}, {stop}) cannot be sliced: {exc.message}")
                             continue
@@ -111,6 +112,19 @@ def check_zeros(ctx: VerifyContext) -> list[Check]:
                        started)]
 
 
+def _padded_weights(arrays, lin: Linear, dim: str, start: int, stop: int, keep: bool, reader: str) -> np.ndarray:
+    """Dequantized padded features [start, stop). An FP8 padding that completes a partial block starts
+    inside that block: slice from the block's first feature (so the block's own scale is used) and
+    keep only the padded part."""
+    unit = shard_slice.units(lin, dim) if lin.format == fp8.NAME else 1
+    first = start // unit * unit
+    if lin.format == fp8.NAME:
+        w = fp8.dequantize(fp8.take(arrays, lin, dim, first, stop), lin, reader)  # zero_readers, not only readers
+    else:
+        w = shard_slice.dequantize(shard_slice.take(arrays, lin, dim, start, stop, replicate=keep), lin, reader)
+    return w[start - first:] if dim == "out" else w[:, start - first:]
+
+
 def _signature(lin: Linear, ops: dict[str, TensorOp]) -> tuple:
     """What a linear's padded region depends on: format, geometry, and each part's dtype, shape and op."""
     parts = []
@@ -118,8 +132,13 @@ def _signature(lin: Linear, ops: dict[str, TensorOp]) -> tuple:
         op = ops.get(info.name)
         parts.append((part, info.dtype, tuple(info.shape), None if op is None else
                       (op.axis, tuple(op.old_shape), tuple((i.at, i.count, i.fill) for i in op.inserts), op.replace)))
+    # A partial FP8 block's padding is read with that block's original scale: not shared between linears.
+    own = None
+    if lin.format == fp8.NAME and (op := ops.get(lin.parts["weight"].name)) is not None:
+        unit = shard_slice.units(lin, "out" if op.axis == 0 else "in")
+        own = lin.prefix if any(i.at % unit for i in op.inserts) else None
     return (lin.format, lin.bits, lin.group_size, lin.sym, lin.desc_act, lin.gptq_v2, lin.in_features,
-            lin.out_features, tuple(parts))
+            lin.out_features, tuple(parts), own)
 
 
 def _variants(lin: Linear, dim: str) -> list[tuple[str, bool]]:
@@ -131,7 +150,8 @@ def _variants(lin: Linear, dim: str) -> list[tuple[str, bool]]:
 
 
 # The tensor that carries a linear's weights, and what one element along each axis is in features.
-MAIN_TENSOR = {"awq-gemm": "qweight", "gptq": "qweight", "compressed-tensors": "weight_packed", "dense": "weight"}
+MAIN_TENSOR = {"awq-gemm": "qweight", "gptq": "qweight", "compressed-tensors": "weight_packed", "dense": "weight",
+               fp8.NAME: "weight"}
 
 
 def main_tensor(lin: Linear) -> str:
@@ -146,6 +166,7 @@ def _axis_features(lin: Linear) -> dict[int, tuple[str, int]]:
         "compressed-tensors": {0: ("out", 1), 1: ("in", per)},
         "nvfp4": {0: ("out", 1), 1: ("in", 2)},
         "dense": {0: ("out", 1), 1: ("in", 1)},
+        fp8.NAME: {0: ("out", 1), 1: ("in", 1)},
     }[lin.format]
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from awqpad.checkpoint import formats
-from awqpad.checkpoint.formats import nvfp4
+from awqpad.checkpoint.formats import fp8, nvfp4
 from awqpad.checkpoint.model import Linear
 
 
@@ -34,6 +34,8 @@ def _per(linear: Linear) -> int:
 def units(linear: Linear, dim: str) -> int:
     """Features per packed element along `dim` that a slice must not split."""
     fmt = linear.format
+    if fmt == fp8.NAME:
+        return fp8.shard_unit(linear, dim)  # whole scale blocks
     if fmt == "awq-gemm":
         return 8 if dim == "out" else 1
     if fmt == "gptq":
@@ -57,6 +59,12 @@ def slice_problem(linear: Linear, dim: str, start: int, stop: int, replicate: bo
     n = linear.out_features if dim == "out" else linear.in_features
     what = "outputs" if dim == "out" else "inputs"
     unit = units(linear, dim)
+    if linear.format == fp8.NAME:
+        edge = next((e for e in (start, stop) if 0 < e < n and e % unit), None)
+        if edge is None:
+            return None
+        return "group", (f"{linear.prefix} {what} [{start}, {stop}) split an FP8 scale block of {unit} ({edge} is not a "
+                         f"multiple of {unit}), so a rank would share that block's scale with its neighbour")
     for edge in (start, stop):
         if 0 < edge < n and edge % unit:
             return "pack", (f"{what} [{start}, {stop}) of {linear.prefix} split a packed int32 word "
@@ -89,6 +97,8 @@ def take(arrays: dict, linear: Linear, dim: str, start: int, stop: int, replicat
     if problem is not None:
         raise ShardError(problem[1], kind=problem[0], prefix=linear.prefix)
     a, fmt = arrays, linear.format
+    if fmt == fp8.NAME:
+        return fp8.take(a, linear, dim, start, stop)
     g = linear.group_size if linear.group_size and linear.group_size > 0 else None
     rows = (start // g, -(-stop // g)) if (g and scales_partitioned(linear) and not replicate) else None
     per = _per(linear)
@@ -154,6 +164,7 @@ OUT_AXIS = {
     "compressed-tensors": {"weight_packed": 0, "weight_scale": 0, "weight_zero_point": 0},
     "nvfp4": {"weight_packed": 0, "weight": 0, "weight_scale": 0},
     "dense": {"weight": 0},
+    fp8.NAME: {"weight": 0, "weight_scale_inv": 0, "weight_scale": 0},  # per-tensor: one scale per merged partition
 }
 SHARED_PARTS = ("g_idx", "weight_g_idx")
 GLOBAL_PARTS = ("weight_global_scale", "weight_scale_2")  # NVFP4 per-tensor scales

@@ -35,7 +35,7 @@ from __future__ import annotations
 import numpy as np
 
 from awqpad.checkpoint.formats.base import Fill, Geometry, make_op, scaled, to_float64
-from awqpad.checkpoint.formats.float8 import E4M3FN, decode_e4m3fnuz_normalized
+from awqpad.checkpoint.formats.float8 import E4M3FN, decode_e4m3fnuz_normalized, decode_e4m3fnuz_raw
 from awqpad.errors import InputError, UnsupportedError
 
 NAME = "fp8"
@@ -54,6 +54,13 @@ def readers(linear) -> tuple[str, ...]:
     # e4m3fn: the bytes as stored (CUDA, CPU). e4m3fnuz: as ROCm engines read them after
     # normalize_e4m3fn_to_e4m3fnuz (bits reinterpreted as fnuz, 0x80 -> 0, scales doubled).
     return ("e4m3fn", "e4m3fnuz")
+
+
+def zero_readers(linear) -> tuple[str, ...]:
+    """Readers the padding must be exactly 0 under: also the bits read as e4m3fnuz with NO rewriting
+    (a path that skips the normalization), where a 0x80 fill would be NaN. Original weights may hold
+    0x80 (-0.0, what torch's cast gives small negatives), so this reader is for padding only."""
+    return readers(linear) + ("e4m3fnuz-raw",)
 
 
 def scale_part(parts: dict) -> str:
@@ -169,9 +176,13 @@ def dequantize(arrays: dict, linear, reader: str = "e4m3fn") -> np.ndarray:
     s = to_float64(np.asarray(arrays[name]), linear.parts[name].dtype)
     if reader == "e4m3fnuz":
         q, s = decode_e4m3fnuz_normalized(codes), s * 2.0
+    elif reader == "e4m3fnuz-raw":
+        q, s = decode_e4m3fnuz_raw(codes), s * 2.0
     else:
         q = E4M3FN[codes]
     n, k = codes.shape
+    if kind(linear) == "tensor" and s.size > 1:  # a merged gate_up: one per-tensor scale per partition
+        return q * np.repeat(s.reshape(-1), n // s.size)[:, None]
     bk = linear.group_size if linear.group_size and linear.group_size > 0 else None
     return q * expand_scale(s, n, k, block_n(linear), bk)
 
@@ -191,7 +202,9 @@ def take(arrays: dict, linear, dim: str, start: int, stop: int) -> dict:
         elif style == "channel":
             out[name] = s[start:stop]
         else:
-            out[name] = s
+            s = np.asarray(s).reshape(-1)
+            # one scale, or one per partition of a merged gate_up: then one per row of the slice
+            out[name] = s if s.size == 1 else np.repeat(s, w.shape[0] // s.size)[start:stop]
         return out
     out = {"weight": w[:, start:stop]}
     if style == "block":
