@@ -70,3 +70,20 @@ def test_real_fp8_engines_differ(real):
     latest = make_plan(ckpt, (8,), "vllm-latest")
     assert {v.severity for v in latest.violations_before} == {"fallback"}
     assert {v.rule for v in latest.violations_before} == {"expert-fp8-triton-only"}
+
+
+def test_real_fp8_cost_and_alternatives(real):
+    """plan never hides the cost: added bytes per GPU, then the unpadded layouts with their launch lines."""
+    plan = make_plan(real["Qwen3-235B-A22B-FP8"], (8,), "vllm")
+    (expert,) = [d for d in plan.dims if d.kind == "expert"]
+    head = next(w for w in plan.warnings if w.startswith("FP8 padding cost at TP 8"))
+    assert f"+{expert.added_bytes / 8 / 1e9:.2f} GB of weights per GPU" in head and "expert 1536 -> 2048 (+33%)" in head
+    lines = [w for w in plan.warnings if w.startswith("  ")]
+    assert any(w.endswith("--tensor-parallel-size 8 --enable-expert-parallel") for w in lines)
+    assert any("--tensor-parallel-size 4 --pipeline-parallel-size 2" in w for w in lines)
+    sglang = make_plan(real["Qwen3-235B-A22B-FP8"], (8,), "sglang")
+    assert any(w.endswith("--tp 8 --ep-size 8") for w in sglang.warnings)
+    # DeepSeek-V3 at TP 32: EP alone does not help (the dense 18432 still splits to 576), so it is not offered
+    ds = make_plan(real["DeepSeek-V3"], (32,), "vllm")
+    alts = [w for w in ds.warnings if w.startswith("  ")]
+    assert alts and not any("expert-parallel" in w for w in alts)

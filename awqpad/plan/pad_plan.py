@@ -18,6 +18,7 @@ from awqpad.checkpoint.model import Checkpoint, MLPBlock
 from awqpad.checkpoint.config import check_supported_quant
 from awqpad.checkpoint.foreign import refuse
 from awqpad.checkpoint.formats import fp8_config
+from awqpad.plan import fp8_cost
 from awqpad.engines.fp8_rules import is_fp8, notes_for, rules_for, runs_at
 from awqpad.engines.profiles import ENGINE_NOTES, engines_for
 from awqpad.errors import UnsupportedError
@@ -306,6 +307,9 @@ def make_plan(ckpt: Checkpoint, tps: tuple[int, ...], engine: str = "vllm", skip
                 "and expert FLOPs; alternatives: vLLM --enable-expert-parallel (experts are not split), a smaller TP, "
                 "the engine's fallback MoE kernel (loads unpadded, slower), or --skip-experts"
             )
+
+    if is_fp8(ckpt) and not ep and not blockers:
+        warnings += fp8_cost.cost_lines(ckpt, dims, tps, engines[0], ckpt.source.source_id)
 
     config_updates = {}
     for change in dims:
