@@ -9,6 +9,10 @@ on disk, as `pad`'s fsynced output is), `awqpad pad SRC OUT --tp N`, `awqpad ver
 (wait4 rusage).
 
     python scripts/bench.py --workdir /tmp/awqpad-bench --layers 4 16 --repeat 3
+    python scripts/bench.py --case fp8-moe --layers 4 --tp 4   # block-FP8 MoE, Qwen3-30B-A3B-FP8 shapes
+
+The fp8-moe case has 128 experts per layer (768 x 2048 F8_E4M3 weights + [6, 16] F32 scales each): many
+small tensors, the layout where per-tensor overhead shows; TP 4 pads the experts 768 -> 1024.
 
 Data are pseudo-random bytes (a 64 MB random block repeated): the file system cannot tell the difference.
 Page-cache state is whatever the machine has (warm after the first run); numbers are medians.
@@ -54,14 +58,45 @@ def _tensors(layers: int):
     return out
 
 
+# Qwen3-30B-A3B-FP8 shapes: block-FP8 [128, 128], 128 experts of width 768 (6 blocks: 1.5 per rank at TP 4).
+MOE_HIDDEN, MOE_INTER, MOE_EXPERTS, MOE_HEADS, MOE_KV, MOE_VOCAB, FP8_BLOCK = 2048, 768, 128, 32, 4, 32000, 128
+
+
+def _tensors_fp8_moe(layers: int):
+    def fp8(prefix, n, k):
+        return [(f"{prefix}.weight", "F8_E4M3", (n, k)), (f"{prefix}.weight_scale_inv", "F32", (-(-n // FP8_BLOCK), -(-k // FP8_BLOCK)))]
+
+    h, d = MOE_HIDDEN, 128
+    out = [("model.embed_tokens.weight", "BF16", (MOE_VOCAB, h))]
+    for layer in range(layers):
+        p = f"model.layers.{layer}"
+        out += fp8(f"{p}.self_attn.q_proj", MOE_HEADS * d, h) + fp8(f"{p}.self_attn.k_proj", MOE_KV * d, h)
+        out += fp8(f"{p}.self_attn.v_proj", MOE_KV * d, h) + fp8(f"{p}.self_attn.o_proj", h, MOE_HEADS * d)
+        out += [(f"{p}.self_attn.q_norm.weight", "BF16", (d,)), (f"{p}.self_attn.k_norm.weight", "BF16", (d,))]
+        out += [(f"{p}.mlp.gate.weight", "BF16", (MOE_EXPERTS, h))]
+        for e in range(MOE_EXPERTS):
+            q = f"{p}.mlp.experts.{e}"
+            out += fp8(f"{q}.gate_proj", MOE_INTER, h) + fp8(f"{q}.up_proj", MOE_INTER, h) + fp8(f"{q}.down_proj", h, MOE_INTER)
+        out += [(f"{p}.input_layernorm.weight", "BF16", (h,)), (f"{p}.post_attention_layernorm.weight", "BF16", (h,))]
+    out += [("model.norm.weight", "BF16", (h,)), ("lm_head.weight", "BF16", (MOE_VOCAB, h))]
+    return out
+
+
+FP8_MOE_CONFIG = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": MOE_HIDDEN,
+                  "moe_intermediate_size": MOE_INTER, "num_experts": MOE_EXPERTS, "num_attention_heads": MOE_HEADS,
+                  "num_key_value_heads": MOE_KV, "head_dim": 128, "vocab_size": MOE_VOCAB, "intermediate_size": 6144,
+                  "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                          "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}}
+
+
 def _nbytes(dtype, shape):
-    return int(np.prod(shape)) * {"F16": 2, "I32": 4}[dtype]
+    return int(np.prod(shape)) * {"F16": 2, "BF16": 2, "I32": 4, "F32": 4, "F8_E4M3": 1}[dtype]
 
 
-def make_checkpoint(path: Path, layers: int, shard_bytes: int = 2 << 30) -> int:
+def make_checkpoint(path: Path, layers: int, shard_bytes: int = 2 << 30, case: str = "awq") -> int:
     path.mkdir(parents=True)
     shards, current, size = [], [], 0
-    for name, dtype, shape in _tensors(layers):
+    for name, dtype, shape in (_tensors_fp8_moe if case == "fp8-moe" else _tensors)(layers):
         n = _nbytes(dtype, shape)
         if current and size + n > shard_bytes:
             shards.append(current)
@@ -83,12 +118,35 @@ def make_checkpoint(path: Path, layers: int, shard_bytes: int = 2 << 30) -> int:
             weight_map[name] = fname
             total += n
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
-    config = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": HIDDEN, "intermediate_size": INTER,
+    config = dict(FP8_MOE_CONFIG, num_hidden_layers=layers) if case == "fp8-moe" else {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": HIDDEN, "intermediate_size": INTER,
               "num_hidden_layers": layers, "num_attention_heads": HEADS, "num_key_value_heads": KV, "vocab_size": VOCAB,
               "quantization_config": {"quant_method": "awq", "bits": 4, "group_size": GROUP, "zero_point": True, "version": "gemm"}}
+    if case == "fp8-moe":  # random bytes include e4m3fn NaN codes (0x7F / 0xFF): map them to finite values
+        _scrub_fp8_nan(path)
     (path / "config.json").write_text(json.dumps(config))
     (path / "tokenizer.json").write_text("{}")
     return sum(f.stat().st_size for f in path.iterdir())
+
+
+def _scrub_fp8_nan(path: Path) -> None:
+    """Random bytes hold e4m3fn NaN codes (pad refuses them next to the padding, verify would compare NaN):
+    rewrite every code to a finite one (0x7F -> 0x7E, 0xFF -> 0xFE) and every block scale to 1e-3, in place."""
+    from awqpad.checkpoint.header import read_header
+
+    for shard in sorted(path.glob("*.safetensors")):
+        header = read_header(shard, shard.name)
+        with open(shard, "r+b") as fh:
+            for info in header.tensors.values():
+                if info.name.endswith(".weight_scale_inv"):  # random F32 bits can be NaN / inf: a sane scale
+                    fh.seek(info.begin)
+                    fh.write(np.full(info.shape, 1e-3, "<f4").tobytes())
+                if info.dtype != "F8_E4M3":
+                    continue
+                fh.seek(info.begin)
+                raw = np.frombuffer(fh.read(info.nbytes), np.uint8).copy()
+                raw[(raw & 0x7F) == 0x7F] -= 1
+                fh.seek(info.begin)
+                fh.write(raw.tobytes())
 
 
 def timed(cmd: list[str], random_data_verify: bool = False) -> tuple[float, float]:
@@ -116,6 +174,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--tp", type=int, default=4)
     ap.add_argument("--no-verify", action="store_true")
+    ap.add_argument("--case", choices=("awq", "fp8-moe"), default="awq",
+                    help="awq: Qwen2-72B AWQ shapes; fp8-moe: Qwen3-30B-A3B block-FP8 MoE shapes")
     args = ap.parse_args()
     awqpad = [sys.executable, "-m", "awqpad"]
     results = []
@@ -123,7 +183,7 @@ def main() -> None:
         root = args.workdir / f"L{layers}"
         shutil.rmtree(root, ignore_errors=True)
         src, dst, out = root / "src", root / "cp", root / "out"
-        size = make_checkpoint(src, layers)
+        size = make_checkpoint(src, layers, case=args.case)
         runs = {"cp": [], "cp_sync": [], "pad": [], "verify_static": [], "verify": []}
         for _ in range(args.repeat):
             # every command starts from an empty destination and a clean page-cache writeback state
@@ -139,7 +199,7 @@ def main() -> None:
                 runs["verify_static"].append(timed(awqpad + ["verify", str(src), str(out), "--layers", "none", "--quiet"]))
                 runs["verify"].append(timed(awqpad + ["verify", str(src), str(out), "--json"], random_data_verify=True))
         med = {k: (statistics.median(w for w, _ in v), max(r for _, r in v)) for k, v in runs.items() if v}
-        row = {"layers": layers, "gb": round(size / 1e9, 2), "cp_s": round(med["cp"][0], 2),
+        row = {"case": args.case, "layers": layers, "gb": round(size / 1e9, 2), "cp_s": round(med["cp"][0], 2),
                "cp_sync_s": round(med["cp_sync"][0], 2), "pad_s": round(med["pad"][0], 2),
                "pad_over_cp": round(med["pad"][0] / med["cp"][0], 3),
                "pad_over_cp_sync": round(med["pad"][0] / med["cp_sync"][0], 3), "pad_peak_rss_mb": round(med["pad"][1], 1)}

@@ -16,13 +16,16 @@ Layouts (one module, because the math is one: W[n, k] = fp8(q[n, k]) * s[scale c
   compressors/naive_quantized `FloatQuantizationCompressor.decompress_weight` -> `dequantize(x_q, scale)`
   = x_q * scale, the scale broadcast over its block / row).
 
-Fills (confirmed in the owners' code; fp8-fp4-engines.md section 3.2 has the leads):
+Fills (confirmed in the owners' code; fp8-fp4-engines.md section 3.2 has the leads, and what was read
+agreed with it; refinements: vLLM's MoE block_n check runs at every TP, block_k only at TP > 1, and
+TRT-LLM's FP8BlockScalesLinearMethod sizes scales as ceil(N/128) x ceil(K/128) whatever the config says):
 * weight bytes 0x00 = +0.0. Never 0x80: -0.0 in e4m3fn but NaN in e4m3fnuz (vLLM / SGLang
   `normalize_e4m3fn_to_e4m3fnuz` rewrites 0x80 to 0 for exactly this reason; a reader that does not
   would see NaN).
 * scale of a block holding only padding: 1.0. 0 * s = 0 for any finite s, and 1.0 = 2^0 is exact in
   UE8M0, where engines requantize scales to powers of two for DeepGEMM (vLLM fp8_utils
-  `requant_weight_ue8m0_inplace`, SGLang `requant_weight_ue8m0`); 0 is not representable there (log2 0).
+  `requant_weight_ue8m0_inplace`; SGLang fp8_utils `requant_block_scale_ue8m0_for_deepgemm`, which calls
+  `requant_weight_ue8m0_inplace`); 0 is not representable there (log2 0).
   vLLM's own block-aligned TP padding for FlashInfer-TRTLLM MoE asserts padded scales == 1 (#55867).
 * a partial block that gains padding elements keeps its scale; the new elements are 0x00.
 * per-channel scale rows of new outputs: 1.0 (any finite value gives 0; vLLM's merged per-tensor shards
