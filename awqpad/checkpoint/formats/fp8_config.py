@@ -58,12 +58,6 @@ def check_ct_float(group: dict, where: Path) -> None:
         _block(w.get("block_structure"), f"{where}: group {group['_name']!r} block_structure")
 
 
-def not_converted(q) -> tuple[str, ...]:
-    raw = q.raw or {}
-    names = raw.get("modules_to_not_convert") or raw.get("ignored_layers") or ()
-    return tuple(str(n) for n in names) if isinstance(names, (list, tuple)) else ()
-
-
 def module_scheme(q, prefix: str) -> dict:
     """{"block": (bn, bk) | None, "strategy": "block" | "channel" | "tensor" | None} for one module."""
     raw = q.raw or {}
@@ -77,26 +71,6 @@ def module_scheme(q, prefix: str) -> dict:
         return {"block": block, "strategy": strategy}
     value = raw.get("weight_block_size")
     return {"block": _block(value, prefix) if value is not None else None, "strategy": None}
-
-
-def describe(q) -> list[str]:
-    """Human lines for inspect: what the FP8 config says."""
-    raw = q.raw or {}
-    if q.method == "compressed-tensors":
-        out = []
-        for group in q.ct_groups:
-            w = group.get("weights") or {}
-            a = group.get("input_activations") or {}
-            what = f"FP8 {w.get('strategy')}" + (f" {w.get('block_structure')}" if w.get("strategy") == "block" else "")
-            acts = "weight-only" if not a else ("dynamic" if a.get("dynamic") else "static") + f" {a.get('strategy', '')} activations"
-            out.append(f"compressed-tensors group {group['_name']}: {what}, {acts.strip()}")
-        return out
-    block = raw.get("weight_block_size")
-    parts = [f"block {block[0]}x{block[1]}" if block else "per-tensor scales",
-             f"{raw.get('activation_scheme') or 'dynamic'} activations"]
-    if raw.get("scale_fmt"):
-        parts.append(f"scale_fmt {raw['scale_fmt']} (power-of-two scales; padding uses 1.0 = 2^0)")
-    return ["FP8 e4m3 " + ", ".join(parts)]
 
 
 def tensor_mismatch(ckpt) -> str | None:
