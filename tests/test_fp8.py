@@ -231,3 +231,18 @@ def test_nan_codes_where_padding_goes(tmp_path):
     one_line_error(run("pad", built.path, tmp_path / "out", "--tp", 2, "-q"), 2, name, "NaN codes", "columns 128..191")
     assert not (tmp_path / "out").exists()
     assert E4M3FN_F64[0x7F] != E4M3FN_F64[0x7F]  # the byte is NaN
+
+
+@pytest.mark.parametrize("flavour", ["block", "ct-block"])
+def test_pad_static_activations_keep_input_scales(tmp_path, flavour):
+    """activation_scheme static adds a per-tensor input_scale: padded inputs are 0 so it stays as it is."""
+    s = spec("qwen3_moe", flavour, activation_scheme="static")
+    built = build_fp8(tmp_path / "src", s)
+    ckpt = read_checkpoint(resolve_source(str(built.path)))
+    plan = make_plan(ckpt, (2,))
+    assert plan.ops and not any(op.tensor.endswith("input_scale") for op in plan.ops)
+    pad_to_directory(ckpt, plan, tmp_path / "out", fsync=False)
+    _check_padded(built.path, tmp_path / "out", s, plan)
+    src, out = read_tensors(built.path), read_tensors(tmp_path / "out")
+    scales = [n for n in src if n.endswith(".input_scale")]
+    assert scales and all(np.array_equal(src[n][1], out[n][1]) for n in scales)
