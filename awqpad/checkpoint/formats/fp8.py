@@ -81,7 +81,9 @@ def scheme(quant, prefix: str) -> dict:
 def geometry(prefix: str, parts: dict, mq, quant) -> Geometry:
     w = parts["weight"]
     if w.dtype != "F8_E4M3":
-        raise UnsupportedError(f"{prefix}: weight dtype {w.dtype} is not supported; only FP8 E4M3 weights can be padded")
+        found = ", ".join(f"{part} {info.dtype}{list(info.shape)}" for part, info in sorted(parts.items()))
+        raise UnsupportedError(f"{prefix}: FP8 {w.dtype[3:]} weights are not supported (awqpad pads FP8 E4M3 only); "
+                               f"found {found}")
     name = scale_part(parts)
     if name not in parts:
         raise InputError(f"{prefix}: FP8 weight has no weight_scale_inv or weight_scale tensor")
