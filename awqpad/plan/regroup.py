@@ -18,6 +18,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from awqpad.checkpoint import formats
+from awqpad.checkpoint.formats import fp8_config
 from awqpad.checkpoint.formats.base import TensorOp, regroup_ops
 from awqpad.checkpoint.header import tensor_nbytes
 from awqpad.checkpoint.model import Checkpoint, Linear
@@ -38,6 +39,9 @@ class RegroupChange:
 
 def refusal(ckpt: Checkpoint, r: int) -> str | None:
     """Why the checkpoint cannot be regrouped by r exactly (None: it can)."""
+    mismatch = fp8_config.tensor_mismatch(ckpt)  # the config and the tensors disagree: nothing is exact
+    if mismatch:
+        return mismatch
     quantized = [lin for lin in ckpt.linears if lin.quantized]
     if not quantized:
         return "the checkpoint is not group-quantized"
