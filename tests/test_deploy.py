@@ -229,3 +229,29 @@ def test_pad_with_expert_parallel_leaves_experts_whole_and_verifies(tmp_path, mo
     assert run_cli(monkeypatch, "verify", str(src), str(out), "--json") == 0
     checks = {c["name"]: c["ok"] for c in json.loads(capsys.readouterr().out)["checks"]}
     assert checks["provenance"] and all(checks.values())
+
+
+def test_qwen3_235b_fp8_on_eight_80gb_gpus(tmp_path):
+    """The issue's case: TP 8 needs expert padding 1536 -> 2048; TP 8 + EP and TP 4 x PP 2 need nothing."""
+    from tests.fp8_factory import Spec, build_fp8
+
+    path = tmp_path / "Qwen3-235B-A22B-FP8"
+    build_fp8(path, Spec(arch="qwen3_moe", hidden=4096, layers=94, heads=64, kv_heads=4, head_dim=128, experts=128,
+                         moe_intermediate=1536, vocab=151936), data=False, shards=4)
+    ckpt = read_checkpoint(resolve_source(str(path), headers_only=True))
+    plan = plan_deployment(ckpt, 8, gpu_memory=parse_memory("80GB"))
+    tp8, ep, pp = _row(plan, "TP 8"), _row(plan, "TP 8 + EP"), _row(plan, "TP 4 x PP 2")
+    assert tp8.needs == "pad" and tp8.reason == "moe_intermediate_size 1536 -> 2048"
+    assert ep.needs == "nothing" and pp.needs == "nothing"
+    # block-FP8 expert: e4m3 weight (1 byte each) + F32 scale_inv per 128 x 128 block. 1536 -> 2048 adds 512 rows
+    # to gate and up ([I, 4096]) and 512 columns to down ([4096, I]): 3 x 512 x 4096 bytes + 3 x 4 x 32 x 4 scales
+    per_expert = 3 * 512 * 4096 + 3 * (4 * 32 * 4)
+    assert tp8.added_bytes_per_gpu == 94 * 128 * per_expert // 8  # 9.46 GB
+    assert tp8.weight_bytes_per_gpu - ep.weight_bytes_per_gpu == tp8.added_bytes_per_gpu
+    assert tp8.pad_command.endswith("--tp 8") and tp8.launch.endswith("--tensor-parallel-size 8")
+    assert ep.launch.endswith("--tensor-parallel-size 8 --enable-expert-parallel")
+    assert pp.launch.endswith("--tensor-parallel-size 4 --pipeline-parallel-size 2")
+    assert plan.layouts[0].layout == Layout(8, 1, True), plan.why  # no padding, one pipeline stage
+    assert [r.layout.label for r in plan.layouts][-1] == "TP 8"  # +11 % FLOPs: last of the exact layouts
+    # KV: 94 layers x K and V x one KV head per rank (4 KV heads replicated over 8) x 128 x bf16
+    assert ep.kv_bytes_per_token == 94 * 2 * 1 * 128 * 2
