@@ -19,7 +19,7 @@ from awqpad.checkpoint.foreign import refuse
 from awqpad.errors import BlockedError, InputError, UnsupportedError
 from awqpad.source.push import push_to_hub
 from awqpad.execute.output_repo import PROVENANCE, pad_to_directory
-from awqpad.plan.pad_plan import plan_summary
+from awqpad.plan.summary import plan_summary
 from awqpad.plan.strategy import DEFAULT_STRATEGY, check_strategy, plan_with_strategy
 from awqpad.source import parse_repo_spec, resolve_source
 

@@ -20,7 +20,8 @@ from awqpad.engines.launch import launch_command
 from awqpad.engines.profiles import DEFAULT_ENGINE, ENGINES, check_engine
 from awqpad.errors import BlockedError, InputError, UnsupportedError
 from awqpad.plan.deploy import KV_DTYPE_BYTES, parse_memory, plan_deployment
-from awqpad.plan.pad_plan import PadPlan, plan_summary
+from awqpad.plan.pad_plan import PadPlan
+from awqpad.plan.summary import plan_summary
 from awqpad.plan.strategy import DEFAULT_STRATEGY, check_strategy, plan_with_strategy
 from awqpad.source import resolve_source
 

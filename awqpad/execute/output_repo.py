@@ -28,7 +28,8 @@ from awqpad.errors import InputError, OutputError
 from awqpad.execute.atomic import PARTIAL_TAG, install, output_lock, output_os_error, recover_leftovers, remove_tree
 from awqpad.execute.fp8_preflight import check_padding_regions
 from awqpad.execute.shard_writer import shard_output_size, write_shard
-from awqpad.plan.pad_plan import PadPlan, plan_summary
+from awqpad.plan.pad_plan import PadPlan
+from awqpad.plan.summary import plan_summary
 from awqpad.serialize import to_data
 from awqpad.source import bounded_json
 from awqpad.source.paths import create_output, inside_source, output_file, source_file, write_output
