@@ -161,6 +161,8 @@ def _describe_linear(prefix, pattern, match, parts, quant: QuantConfig) -> Linea
         raise InputError(f"{shard}: {prefix}: tensors ({shapes}) match no known format "
                          "(AWQ-GEMM, GPTQ, compressed-tensors, dense)")
     if fmt is not formats.dense and not quant.is_quantized:
+        if "weight" in parts and parts["weight"].dtype == "F8_E5M2":  # no format pads E5M2: say that, not "no config"
+            raise formats.dense.unknown_layout(prefix, parts)
         raise InputError(f"{shard}: {prefix} holds {fmt.NAME} quantized tensors but config.json has no quantization_config "
                          "(nor quantize_config.json), so bits and group size are unknown")
     _check_parts(prefix, fmt, parts)

@@ -23,13 +23,18 @@ def readers(linear) -> tuple[str, ...]:
 def geometry(prefix: str, parts: dict, mq, quant) -> Geometry:
     w = parts["weight"]
     if w.dtype not in FLOAT_DTYPES:
-        # A well-formed tensor in a layout no format module claims: name what was found.
-        found = ", ".join(f"{part} {info.dtype}{list(info.shape)}" for part, info in sorted(parts.items()))
-        what = {"F8_E5M2": "FP8 E5M2 weights (awqpad pads FP8 e4m3 layouts only)",
-                "F8_E4M3": "FP8 e4m3 weights without a block / channel / tensor scale layout awqpad knows",
-                "F8_E8M0": "E8M0 (exponent-only) values as weights"}.get(w.dtype, f"{w.dtype} weights with no known quantization layout")
-        raise UnsupportedError(f"{prefix}: {what}; found {found}")
+        raise unknown_layout(prefix, parts)
     return Geometry(w.shape[1], w.shape[0])
+
+
+def unknown_layout(prefix: str, parts: dict) -> UnsupportedError:
+    """A well-formed tensor in a layout no format module claims: the refusal names what was found."""
+    w = parts["weight"]
+    found = ", ".join(f"{part} {info.dtype}{list(info.shape)}" for part, info in sorted(parts.items()))
+    what = {"F8_E5M2": "FP8 E5M2 weights (awqpad pads FP8 e4m3 layouts only)",
+            "F8_E4M3": "FP8 e4m3 weights without a block / channel / tensor scale layout awqpad knows",
+            "F8_E8M0": "E8M0 (exponent-only) values as weights"}.get(w.dtype, f"{w.dtype} weights with no known quantization layout")
+    return UnsupportedError(f"{prefix}: {what}; found {found}")
 
 
 def pad_ops(linear, axis: str, inserts) -> list:
