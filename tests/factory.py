@@ -66,7 +66,7 @@ _ST_DTYPE = {"F16": np.dtype("<f2"), "BF16": np.dtype("<u2"), "F32": np.dtype("<
 # safetensors' Dtype enum order: `serialize` lays tensors out by dtype, this order descending, then by name.
 _ST_RANK = ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16", "F16",
             "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64")
-_NBYTES = {"F16": 2, "BF16": 2, "F32": 4, "I32": 4, "I64": 8}
+_NBYTES = {"F8_E4M3": 1, "U8": 1, "F16": 2, "BF16": 2, "F32": 4, "I32": 4, "I64": 8}
 _TORCH_DTYPE_NAME = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
 
 

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tests.factory import encode_header  # noqa: F401  (also used by the FP8 tests)
+
 NBYTES = {"F8_E4M3": 1, "BF16": 2, "F16": 2, "F32": 4, "I64": 8}
 FP8_MAX = 448.0
 
@@ -188,18 +190,6 @@ def tensor_specs(s: Spec) -> list[tuple[str, str, tuple]]:
         else:
             out.append((name, "BF16", shape))
     return out
-
-
-def encode_header(entries, metadata=None) -> tuple[bytes, int]:
-    h: dict = {"__metadata__": metadata} if metadata else {}
-    off = 0
-    for name, dt, shape in entries:
-        n = NBYTES[dt] * math.prod(shape)
-        h[name] = {"dtype": dt, "shape": list(shape), "data_offsets": [off, off + n]}
-        off += n
-    body = json.dumps(h, separators=(",", ":")).encode()
-    body += b" " * (-len(body) % 8)
-    return struct.pack("<Q", len(body)) + body, off
 
 
 def config(s: Spec) -> dict:
