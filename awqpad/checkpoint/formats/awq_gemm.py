@@ -10,7 +10,7 @@ q - z = 0 even in readers that drop zeros or repack with borrows, e.g. the ExLla
 
 from __future__ import annotations
 
-import numpy as np
+from awqpad.lazy import numpy as np
 
 from awqpad.errors import InputError, UnsupportedError
 from awqpad.checkpoint.formats.base import MID_WORD, Fill, Geometry, make_op, scaled, to_float64, unpack_words

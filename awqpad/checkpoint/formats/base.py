@@ -10,15 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
+from awqpad.lazy import numpy as np
 
 from awqpad.checkpoint.formats import float8
 from awqpad.errors import UnsupportedError
 
 # Midpoint words: every nibble / byte = 2^(b-1), the code whose (q - zero) is 0 when zero is the midpoint.
-MID_WORD = {4: np.int32(np.uint32(0x88888888).view(np.int32)), 8: np.int32(np.uint32(0x80808080).view(np.int32))}
+# (As signed int32 values, the way int32 tensors store them: 0x88888888 - 2**32.)
+MID_WORD = {4: 0x88888888 - (1 << 32), 8: 0x80808080 - (1 << 32)}
 # GPTQ v1 stores zero - 1, so the effective midpoint zero is stored as 7 / 127 per value.
-MID_WORD_V1_ZERO = {4: np.int32(0x77777777), 8: np.int32(0x7F7F7F7F)}
+MID_WORD_V1_ZERO = {4: 0x77777777, 8: 0x7F7F7F7F}
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class Fill:
 
     @staticmethod
     def const(value: float | int) -> "Fill":
-        return Fill("const", value.item() if isinstance(value, np.generic) else value)
+        return Fill("const", value.item() if hasattr(value, "item") else value)  # numpy scalars -> numbers
 
 
 @dataclass(frozen=True)
@@ -109,10 +110,10 @@ def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
     return (raw.astype(np.uint32) << 16).view(np.float32)
 
 
-NUMPY_DTYPES = {
-    "F16": np.float16, "F32": np.float32, "F64": np.float64,
-    "I8": np.int8, "U8": np.uint8, "I16": np.int16, "U16": np.uint16,
-    "I32": np.int32, "U32": np.uint32, "I64": np.int64, "U64": np.uint64, "BOOL": np.bool_,
+NUMPY_DTYPES = {  # numpy dtype names (numpy itself is imported on first use)
+    "F16": "float16", "F32": "float32", "F64": "float64",
+    "I8": "int8", "U8": "uint8", "I16": "int16", "U16": "uint16",
+    "I32": "int32", "U32": "uint32", "I64": "int64", "U64": "uint64", "BOOL": "bool",
 }
 
 

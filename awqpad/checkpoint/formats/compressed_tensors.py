@@ -11,7 +11,7 @@ at the midpoint (signed 0), scales 0, weight_shape rewritten, fresh group ids fo
 
 from __future__ import annotations
 
-import numpy as np
+from awqpad.lazy import numpy as np
 
 from awqpad.errors import InputError, UnsupportedError
 from awqpad.checkpoint.formats.base import MID_WORD, Fill, Geometry, TensorOp, make_op, scaled, to_float64, unpack_words

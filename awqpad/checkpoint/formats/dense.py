@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import numpy as np
+from awqpad.lazy import numpy as np
 
 from awqpad.errors import UnsupportedError
 from awqpad.checkpoint.formats.base import Fill, Geometry, make_op, scaled, to_float64

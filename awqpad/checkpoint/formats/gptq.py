@@ -14,7 +14,7 @@ All-zero words would NOT be zero weight: v1 reads stored 0 as z = 1 (note sectio
 
 from __future__ import annotations
 
-import numpy as np
+from awqpad.lazy import numpy as np
 
 from awqpad.errors import InputError, UnsupportedError
 from awqpad.checkpoint.formats.base import (
