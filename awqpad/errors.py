@@ -14,6 +14,7 @@ from __future__ import annotations
 
 class AwqpadError(Exception):
     exit_code = 2
+    data: dict | None = None  # what the command would have printed with --json (e.g. a blocked plan)
 
     def __init__(self, message: str, hint: str | None = None):
         super().__init__(message)

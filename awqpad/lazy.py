@@ -23,3 +23,19 @@ class LazyModule(types.ModuleType):
 
 
 numpy = LazyModule("numpy")
+
+
+class CallablePackage(types.ModuleType):
+    """A stage package that is also an API function: `awqpad.plan` is both the plan/ package and
+    `awqpad.api.plan` (Python binds a submodule to its parent's attribute, so a plain function of that
+    name in awqpad/__init__.py would be replaced as soon as the package is imported)."""
+
+    def __call__(self, *args, **kwargs):
+        api = importlib.import_module("awqpad.api")
+        return getattr(api, self.__name__.rsplit(".", 1)[-1])(*args, **kwargs)
+
+
+def make_callable(module_name: str) -> None:
+    import sys
+
+    sys.modules[module_name].__class__ = CallablePackage

@@ -1,70 +1,47 @@
-"""The `awqpad` command: wiring only. Each command lives in its own module."""
+"""The `awqpad` command: the entry point and its one error table. Commands are wired in cli/app.py.
+
+Start-up matters (a shell step before every launch): `--version` answers before typer is imported, and
+no command module imports numpy, rich or huggingface_hub until the command runs.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
-import traceback
-
-import typer
 
 from awqpad import __version__
 from awqpad.errors import AwqpadError
 
-HELP = """Make quantized Hugging Face checkpoints load at the tensor-parallel size you have,
-by appending exact zero padding (AWQ-GEMM, GPTQ, compressed-tensors, fp16/bf16).
 
-\b
-Examples:
-  awqpad inspect ./Qwen2-72B-Instruct-AWQ
-  awqpad plan ./Qwen2-72B-Instruct-AWQ --tp 4
-  awqpad pad ./Qwen2-72B-Instruct-AWQ ./Qwen2-72B-AWQ-tp4 --tp 4
-  awqpad verify ./Qwen2-72B-Instruct-AWQ ./Qwen2-72B-AWQ-tp4 --tp 4
-
-\b
-Exit codes: 0 ok, 1 verify failed, 2 bad input or usage, 3 blocked (padding cannot reach that TP),
-4 output problem (OUT exists, disk full, interrupted), 70 internal error.
-"""
-
-app = typer.Typer(
-    help=HELP,
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
-)
+def _wants_json(argv: list[str]) -> bool:
+    return "--json" in argv[: argv.index("--")] if "--" in argv else "--json" in argv
 
 
-def _version(value: bool) -> None:
-    if value:
-        typer.echo(f"awqpad {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
-) -> None:
-    """awqpad: exact zero-padding of quantized checkpoints for tensor parallelism."""
-
-
-def _register() -> None:
-    from awqpad.cli import inspect_cmd, pad_cmd, plan_cmd, verify_cmd
-
-    app.command("inspect", help=inspect_cmd.HELP, no_args_is_help=True)(inspect_cmd.inspect)
-    app.command("plan", help=plan_cmd.HELP, no_args_is_help=True)(plan_cmd.plan)
-    app.command("pad", help=pad_cmd.HELP, no_args_is_help=True)(pad_cmd.pad)
-    app.command("verify", help=verify_cmd.HELP, no_args_is_help=True)(verify_cmd.verify)
-
-
-_register()
+def _fail(code: int, message: str, json_mode: bool, data: dict | None = None, kind: str = "error") -> None:
+    """`awqpad: <kind>: message` on stderr; with --json also one object on stdout:
+    {"error": {"code": N, "message": "..."}} (after the data the command would have printed, if any)."""
+    print(f"awqpad: {kind}: {message}" if kind else f"awqpad: {message}", file=sys.stderr)
+    if json_mode:
+        payload = {**(data or {}), "error": {"code": code, "message": message}}
+        sys.stdout.write(json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n")
+        sys.stdout.flush()
+    sys.exit(code)
 
 
 def main() -> None:
+    argv = sys.argv[1:]
+    if argv == ["--version"]:
+        print(f"awqpad {__version__}")
+        sys.exit(0)
+    json_mode = _wants_json(argv)
+    import typer
+
+    from awqpad.cli.app import app
+
     # standalone_mode=False: click hands every outcome back here, so one table decides what users see.
     try:
-        code = app(standalone_mode=False)
+        code = app(args=argv, prog_name="awqpad", standalone_mode=False)
     except typer.TyperException as exc:  # usage errors: the framework's message, on one line, exit 2
         if type(exc).__name__ == "NoArgsIsHelpError":  # `awqpad pad` alone: the help text is the answer
             exc.show()
@@ -72,25 +49,23 @@ def main() -> None:
         ctx = getattr(exc, "ctx", None)
         where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
         message = " ".join(exc.format_message().split())
-        print(f"awqpad: error: {message}{where}", file=sys.stderr)
-        sys.exit(getattr(exc, "exit_code", 2))
+        _fail(getattr(exc, "exit_code", 2), f"{message}{where}", json_mode)
     except typer.Abort:
-        print("awqpad: interrupted", file=sys.stderr)
-        sys.exit(130)
+        _fail(130, "interrupted", json_mode, kind="")
     except AwqpadError as exc:
-        message = f"awqpad: error: {exc.message}"
+        message = exc.message
         if exc.hint:
             message += f" (hint: {exc.hint})"
-        print(message, file=sys.stderr)
-        sys.exit(exc.exit_code)
+        _fail(exc.exit_code, message, json_mode, getattr(exc, "data", None))
     except KeyboardInterrupt:
-        print("awqpad: interrupted", file=sys.stderr)
-        sys.exit(130)
+        _fail(130, "interrupted", json_mode, kind="")
     except Exception as exc:  # a bug: say so in one line unless debugging
         if os.environ.get("AWQPAD_DEBUG"):
+            import traceback
+
             traceback.print_exc()
-        print(f"awqpad: internal error: {exc.__class__.__name__}: {exc} (set AWQPAD_DEBUG=1 for a traceback)", file=sys.stderr)
-        sys.exit(70)
+        _fail(70, f"{exc.__class__.__name__}: {exc} (set AWQPAD_DEBUG=1 for a traceback)", json_mode,
+              kind="internal error")
     if code == 130:  # the framework turns Ctrl-C into exit code 130 without a word
-        print("awqpad: interrupted", file=sys.stderr)
+        _fail(130, "interrupted", json_mode, kind="")
     sys.exit(code if isinstance(code, int) else 0)

@@ -2,17 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
-
-from rich.console import Console
-from rich.table import Table
-
-from awqpad.checkpoint.model import read_checkpoint
-from awqpad.cli.options import EngineOpt, JsonOpt, QuietOpt, SrcArg
-from awqpad.cli.output import Output
-from awqpad.engines.profiles import DEFAULT_ENGINE, check_engine
-from awqpad.plan.inspect_report import InspectReport, inspect_report
-from awqpad.source import resolve_source
+from awqpad.cli.options import CacheDirOpt, EngineOpt, JsonOpt, QuietOpt, RevisionOpt, SrcArg, TokenOpt
+from awqpad.cli.output import Output, esc
+from awqpad.engines.profiles import DEFAULT_ENGINE
 
 HELP = "Describe a checkpoint: format, quant config, dims, and which TP sizes load today (reads headers only).\n\nExample: awqpad inspect ./Qwen2-72B-Instruct-AWQ"
 
@@ -27,19 +19,21 @@ def human_bytes(n: float) -> str:
     return f"{n} B"
 
 
-def render(report: InspectReport, console: Console) -> None:
+def render(report, console) -> None:
+    from rich.table import Table
+
     q = report.quantization
-    console.print(f"[bold]{report.source}[/]" + (f" @ {report.revision}" if report.revision else ""))
+    console.print(f"[bold]{esc(report.source)}[/]" + (f" @ {esc(report.revision)}" if report.revision else ""))
     family = report.family if report.family_known else f"{report.family} (unknown architecture: generic patterns)"
-    console.print(f"  architecture  {report.architecture}  [dim]family {family}[/]")
+    console.print(f"  architecture  {esc(report.architecture)}  [dim]family {esc(family)}[/]")
     quant = ", ".join(f"{k}={v}" for k, v in q.items() if k not in ("method", "config_groups", "config") and v not in (None, [], {}))
-    console.print(f"  format        {report.format}  [dim]{quant}[/]")
+    console.print(f"  format        {esc(report.format)}  [dim]{esc(quant)}[/]")
     d = report.dims
     console.print(f"  attention     {d['heads']} heads, {d['kv_heads']} KV heads, head_dim {d['head_dim']}, hidden {d['hidden_size']}, {d['layers']} layers")
     for key, value in d.items():
         if isinstance(value, dict):
-            cfg = "" if value["config"] in (None, value["tensors"]) else f"  [red](config.json says {value['config']})[/]"
-            console.print(f"  {key:<13} {value['tensors']}{cfg}")
+            cfg = "" if value["config"] in (None, value["tensors"]) else f"  [red](config.json says {esc(value['config'])})[/]"
+            console.print(f"  {esc(f'{key:<13}')} {esc(value['tensors'])}{cfg}")
     if "experts" in d:
         console.print(f"  experts       {d['experts']} per MoE layer")
     console.print(
@@ -49,22 +43,23 @@ def render(report: InspectReport, console: Console) -> None:
     console.print(f"  size          {human_bytes(report.total_bytes)} in {len(report.shards)} shard(s), {report.tensors} tensors")
     for f in report.findings:
         style = {"error": "red", "warning": "yellow"}.get(f["level"], "dim")
-        console.print(f"  [{style}]{f['level']}: {f['message']}[/]")
-    table = Table(title=f"Tensor parallelism ({report.engine} rules)", title_justify="left")
+        console.print(f"  [{style}]{esc(f['level'])}: {esc(f['message'])}[/]")
+    table = Table(title=f"Tensor parallelism ({esc(report.engine)} rules)", title_justify="left")
     table.add_column("TP", justify="right")
-    table.add_column("status")
+    table.add_column("status", no_wrap=True)
     table.add_column("why")
     for row in report.tp_table:
-        table.add_row(str(row.tp), f"[{STATUS_STYLE[row.status]}]{row.status}[/]", row.detail)
+        table.add_row(str(row.tp), f"[{STATUS_STYLE[row.status]}]{esc(row.status)}[/]", esc(row.detail))
     console.print(table)
 
 
-def inspect(src: SrcArg, engine: EngineOpt = DEFAULT_ENGINE, json_out: JsonOpt = False, quiet: QuietOpt = False) -> None:
-    check_engine(engine)
+def inspect(src: SrcArg, engine: EngineOpt = DEFAULT_ENGINE, revision: RevisionOpt = None, token: TokenOpt = None,
+            cache_dir: CacheDirOpt = None, json_out: JsonOpt = False, quiet: QuietOpt = False) -> None:
+    from awqpad import api
+
     out = Output(json_out, quiet)
-    source = resolve_source(src, headers_only=True, progress=out.interactive)
-    report = inspect_report(read_checkpoint(source), engine)
-    if source.is_hub:
-        out.info(f"fetched {human_bytes(source.fetched_bytes)} from the Hub (config, index, safetensors headers; no weights)")
-        report = dataclasses.replace(report, fetched_bytes=source.fetched_bytes)
+    report = api.inspect(src, engine=engine, revision=revision, token=token, cache_dir=cache_dir,
+                         progress_bars=out.interactive)
+    if report.fetched_bytes is not None:
+        out.info(f"fetched {human_bytes(report.fetched_bytes)} from the Hub (config, index, safetensors headers; no weights)")
     out.result(report, lambda console: render(report, console))

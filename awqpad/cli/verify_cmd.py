@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
-from awqpad.cli.options import JsonOpt, QuietOpt
-from awqpad.cli.output import Output
-from awqpad.engines.profiles import DEFAULT_ENGINE, ENGINE_CHOICES
-from awqpad.errors import InputError, VerifyFailed
-from awqpad.source import bounded_json, resolve_source
-from awqpad.verify import PROVENANCE, VerifyReport, verify_output
+from awqpad.cli.options import CacheDirOpt, JsonOpt, QuietOpt, TokenOpt, parse_tp
+from awqpad.cli.output import Output, esc
+from awqpad.engines.profiles import ENGINE_CHOICES
 
 HELP = """Check a padded repo written by `awqpad pad`: alone (OUT), or against its source (SRC OUT).
 
@@ -44,27 +37,22 @@ unknown engine, SRC missing or unreadable, OUT not a directory, or OUT without a
 
 PathsArg = Annotated[list[str], typer.Argument(help="[SRC] OUT: the padded repo, optionally preceded by its source.",
                                                show_default=False, metavar="[SRC] OUT")]
-TpOptional = Annotated[Optional[list[int]], typer.Option("--tp", help="Tensor-parallel size to check; repeat for several. "
-                                                         "Default: the sizes recorded in awqpad.json.", min=1)]
-EngineOptional = Annotated[Optional[str], typer.Option("--engine", "-e", help=f"Engine rules: {', '.join(ENGINE_CHOICES)}. "
+TpOptional = Annotated[Optional[list[str]], typer.Option("--tp", "--tensor-parallel-size", metavar="TP", callback=parse_tp,
+                                                         help="Tensor-parallel size(s) to check: --tp 4, --tp 2,4 or "
+                                                         "repeated. Default: the sizes recorded in awqpad.json.")]
+EngineOptional = Annotated[Optional[str], typer.Option("--engine", "-e", metavar="ENGINE",
+                                                       help=f"Engine rules: {', '.join(ENGINE_CHOICES)}. "
                                                        "Default: the engine recorded in awqpad.json, else vllm.")]
-LayersOpt = Annotated[str, typer.Option("--layers", help="MLP layers to simulate against SRC: sample (first, middle, "
-                                        "last), all, none (static checks only), or a list like 0,5,11.")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for the random inputs and the expert sample.")]
+LayersOpt = Annotated[str, typer.Option("--layers", metavar="LAYERS", help="MLP layers to simulate against SRC: sample "
+                                        "(first, middle, last), all, none (static checks only), or a list like 0,5,11.")]
+SeedOpt = Annotated[int, typer.Option("--seed", metavar="SEED", help="Seed for the random inputs and the expert sample.")]
 
 
-def _recorded(out_dir: Path) -> dict:
-    """awqpad.json's defaults for --tp / --engine; {} if it is missing or unusable (the provenance check says why)."""
-    try:
-        data = bounded_json.read(Path(out_dir) / PROVENANCE, "provenance")
-        return data if isinstance(data, dict) else {}
-    except InputError:
-        return {}
+def render(report, console) -> None:
+    from rich.table import Table
 
-
-def render(report: VerifyReport, console: Console) -> None:
-    head = f"[bold]{escape(report.out)}[/]" + (f"  vs  {escape(report.src)}" if report.src else "")
-    console.print(f"{head}  TP {', '.join(map(str, report.tp))}, {report.engine}")
+    head = f"[bold]{esc(report.out)}[/]" + (f"  vs  {esc(report.src)}" if report.src else "")
+    console.print(f"{head}  TP {', '.join(map(str, report.tp))}, {esc(report.engine)}")
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(width=1)
     table.add_column(style="bold", no_wrap=True)
@@ -72,14 +60,14 @@ def render(report: VerifyReport, console: Console) -> None:
     for check in report.checks:
         info = check.figures.get("informational")
         mark = "[cyan]i[/]" if info else ("[green]✓[/]" if check.ok else "[red]✗[/]")
-        table.add_row(mark, escape(check.name), escape(check.detail))
+        table.add_row(mark, esc(check.name), esc(check.detail))
         if not check.ok:
             for extra in check.figures.get("problems", [])[1:4]:
-                table.add_row("", "", f"[dim]{escape(extra)}[/]")
+                table.add_row("", "", f"[dim]{esc(extra)}[/]")
     console.print(table)
     failed = report.failed
     if failed:
-        console.print(f"[red]FAILED[/]: {len(failed)} of {len(report.checks)} checks ({', '.join(c.name for c in failed)}) "
+        console.print(f"[red]FAILED[/]: {len(failed)} of {len(report.checks)} checks ({esc(', '.join(c.name for c in failed))}) "
                       f"in {report.seconds:.1f} s")
     else:
         console.print(f"[green]PASSED[/]: all {len(report.checks)} checks in {report.seconds:.1f} s")
@@ -91,21 +79,20 @@ def verify(
     engine: EngineOptional = None,
     layers: LayersOpt = "sample",
     seed: SeedOpt = 0,
+    token: TokenOpt = None,
+    cache_dir: CacheDirOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
+    from awqpad import api
+    from awqpad.errors import InputError, VerifyFailed
+
     if not 1 <= len(paths) <= 2:
         raise InputError(f"expected OUT or SRC OUT, got {len(paths)} paths")
     src_spec, out_spec = (paths[0], paths[1]) if len(paths) == 2 else (None, paths[0])
     out = Output(json_out, quiet)
-    out_source = resolve_source(out_spec, progress=out.interactive)
-    src_source = resolve_source(src_spec, progress=out.interactive) if src_spec is not None else None
-    recorded = _recorded(out_source.root)
-    tps = tuple(tp) if tp else tuple(t for t in recorded.get("tp") or () if isinstance(t, int))
-    if not tps:
-        raise InputError(f"--tp is required: {out_spec} has no usable {PROVENANCE} recording the TP size")
-    engine = engine or (recorded.get("engine") if recorded.get("engine") in ENGINE_CHOICES else DEFAULT_ENGINE)
-    report = verify_output(out_source, tps, engine, src_source, layers, seed, progress=out.progress)
+    report = api.verify(out_spec, src_spec, tp=tp, engine=engine, layers=layers, seed=seed, token=token,
+                        cache_dir=cache_dir, progress=out.progress, progress_bars=out.interactive)
     out.result(report, lambda console: render(report, console))
     if not report.passed:
         raise typer.Exit(VerifyFailed.exit_code)

@@ -65,3 +65,14 @@ def launch_command(profile: str, model: str, tp: int, pp: int = 1, ep: bool = Fa
     if nodes > 1 and flags.nodes:
         parts.append(flags.nodes.format(nodes=nodes))
     return " ".join(parts)
+
+
+def launch_lines(profiles, model: str, tp: int, ep: bool = False) -> tuple[str, ...]:
+    """The launch line of every engine among `profiles` (a plan's engines), once per engine: the rule
+    profiles vllm and vllm-latest share one line. Engines that cannot run the layout are left out."""
+    lines: dict[str, str | None] = {}
+    for profile in profiles:
+        engine = launcher(profile)
+        if engine in LAUNCH and engine not in lines:
+            lines[engine] = launch_command(profile, model, tp, ep=ep)
+    return tuple(line for line in lines.values() if line)

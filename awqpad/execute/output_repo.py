@@ -10,13 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 import shutil
-import signal
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -24,8 +21,8 @@ from typing import Callable
 from awqpad import __version__
 from awqpad.checkpoint.model import Checkpoint
 from awqpad.checkpoint.header import tensor_nbytes
-from awqpad.errors import InputError, OutputError
-from awqpad.execute.atomic import PARTIAL_TAG, install, output_lock, output_os_error, recover_leftovers, remove_tree
+from awqpad.errors import InputError
+from awqpad.execute.build import build_atomically, check_destination, fsync_file
 from awqpad.execute.fp8_preflight import check_padding_regions
 from awqpad.execute.shard_writer import shard_output_size, write_shard
 from awqpad.plan.pad_plan import PadPlan
@@ -40,7 +37,6 @@ COPY_BUFFER = 1 << 20
 # Weights in other formats would be stale (unpadded) copies next to the padded safetensors.
 SKIP_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".safetensors")
 SKIP_DIRS = {".git", ".cache", "original", "__pycache__"}
-SPACE_MARGIN = 64 << 20
 WRITERS = min(2, os.cpu_count() or 1)
 
 
@@ -124,10 +120,19 @@ def side_files(root: Path, follow_symlinks: bool = False) -> SideFiles:
     return SideFiles(tuple(keep), tuple(skipped), tuple(external))
 
 
-def model_card_section(plan: PadPlan, ckpt: Checkpoint) -> str:
+def card_source(ckpt: Checkpoint) -> str:
+    """How the card names the source: the repo id, or only a local directory's name (never a local path)."""
+    return ckpt.source.source_id if ckpt.source.is_hub else Path(ckpt.source.source_id).name
+
+
+def model_card_section(plan: PadPlan, ckpt: Checkpoint, model: str) -> str:
+    """The card's awqpad section; `model` is what the launch lines serve (the pushed repo id once known,
+    else `./OUT-name`; `awqpad push` rewrites it to the repo id)."""
+    from awqpad.engines.launch import launch_lines
+
     lines = ["", "## Padded for tensor parallelism with awqpad", ""]
     lines.append(
-        f"This repository is `{ckpt.source.source_id}`"
+        f"This repository is `{card_source(ckpt)}`"
         + (f" (revision `{ckpt.source.revision}`)" if ckpt.source.revision else "")
         + f" with exact zero padding appended by awqpad {__version__}, so that it loads at "
         f"tensor-parallel size {', '.join(map(str, plan.tp))} under the `{plan.engine}` engine rules."
@@ -140,59 +145,9 @@ def model_card_section(plan: PadPlan, ckpt: Checkpoint) -> str:
         from awqpad.plan.heads import caveat_markdown
 
         lines += [f"- {plan.heads.summary}", "", caveat_markdown(plan.heads)]
-    lines += ["", "Serve it with:", "", "```", f"vllm serve <this repo> --tensor-parallel-size {max(plan.tp)}", "```",
+    lines += ["", "Serve it with:", "", "```", *launch_lines(plan.engines, model, max(plan.tp), plan.expert_parallel), "```",
               "", "Details of every changed tensor are in `awqpad.json`.", ""]
     return "\n".join(lines)
-
-
-@contextmanager
-def _terminate_as_interrupt():
-    """SIGTERM (e.g. `timeout`, a killed make job) cleans up like Ctrl-C; SIGXFSZ becomes an EFBIG error."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    old_term = signal.signal(signal.SIGTERM, handler)
-    old_xfsz = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old_term)
-        signal.signal(signal.SIGXFSZ, old_xfsz)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        raise OutputError(f"{path}: flushing to disk failed ({exc.strerror or exc})") from None
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def check_destination(src: Path, out: Path, force: bool) -> None:
-    try:
-        src_r, out_r = src.resolve(), out.resolve()
-        if out.is_symlink() and not out.exists():
-            raise OutputError(f"{out}: is a dangling symlink (to {os.readlink(out)}); remove it or choose another OUT")
-        if out_r == src_r or src_r in out_r.parents or out_r in src_r.parents:
-            raise OutputError(f"{out}: OUT must not be SRC, inside it, or contain it (awqpad never writes into the source)")
-        if out.exists() and not force:
-            raise OutputError(f"{out}: already exists; pass --force to replace it")
-        if out.exists() and not out.is_dir():
-            raise OutputError(f"{out}: exists and is not a directory")
-        if not out_r.parent.is_dir():
-            raise OutputError(f"{out.parent}: parent directory does not exist")
-    except OSError as exc:
-        raise output_os_error(exc, out) from None
 
 
 def expected_output_bytes(ckpt: Checkpoint, plan: PadPlan, follow_symlinks: bool = False) -> int:
@@ -204,53 +159,29 @@ def expected_output_bytes(ckpt: Checkpoint, plan: PadPlan, follow_symlinks: bool
 
 def pad_to_directory(ckpt: Checkpoint, plan: PadPlan, out: Path, *, force: bool = False, follow_symlinks: bool = False,
                      progress: Callable[[int], None] = lambda n: None, notify: Callable[[str], None] = lambda m: None,
-                     fsync: bool = True) -> PadResult:
+                     fsync: bool = True, model: str | None = None) -> PadResult:
+    """`model`: what the model card's launch lines serve (default `./OUT-name`)."""
     started = time.monotonic()
     src = ckpt.source.root
     sides = side_files(src, follow_symlinks)  # every input is validated before anything is written
     check_destination(src, out, force)
     check_padding_regions(ckpt, plan)
-    with output_lock(out):
-        try:
-            recover_leftovers(out, notify)
-        except OSError as exc:
-            raise output_os_error(exc, out) from None
-        check_destination(src, out, force)  # again, now that no other awqpad run can change OUT
-        needed = expected_output_bytes(ckpt, plan, follow_symlinks)
-        free = shutil.disk_usage(out.resolve().parent).free
-        if free < needed + SPACE_MARGIN:
-            raise OutputError(
-                f"{out.parent}: not enough free space: the padded repo needs {needed / 1e9:.2f} GB (+{SPACE_MARGIN >> 20} MB margin), "
-                f"{free / 1e9:.2f} GB free"
-            )
-        token = secrets.token_hex(6)
-        tmp = out.parent / f".{out.name}{PARTIAL_TAG}{token}"
-        with _terminate_as_interrupt():
-            try:
-                tmp.mkdir()
-                written = _write_shards(ckpt, plan_ops(plan), tmp, progress, fsync)
-                _write_index(ckpt, plan, tmp)
-                _write_config(ckpt, plan, tmp)
-                copied = _copy_side_files(ckpt, plan, tmp, sides)
-                _write_provenance(ckpt, plan, tmp)
-                if fsync:
-                    shard_names = {s.filename for s in ckpt.shards}
-                    for path in tmp.rglob("*"):
-                        if path.is_file() and path.relative_to(tmp).as_posix() not in shard_names:
-                            _fsync_file(path)
-                    _fsync_dir(tmp)
-                install(tmp, out, token, replace=force)  # --force: the old OUT goes only once the new one is in place
-                if fsync:
-                    _fsync_dir(out.resolve().parent)
-            except KeyboardInterrupt:
-                remove_tree(tmp)
-                raise OutputError(f"{out}: interrupted; the partial output was removed and {out} was not written") from None
-            except OSError as exc:
-                remove_tree(tmp)
-                raise output_os_error(exc, out) from None
-            except BaseException:
-                remove_tree(tmp)
-                raise
+
+    def build(tmp: Path) -> tuple[int, list[str]]:
+        written = _write_shards(ckpt, plan_ops(plan), tmp, progress, fsync)
+        _write_index(ckpt, plan, tmp)
+        _write_config(ckpt, plan, tmp)
+        copied = _copy_side_files(ckpt, plan, tmp, sides, model or f"./{out.name}")
+        _write_provenance(ckpt, plan, tmp)
+        if fsync:
+            shard_names = {s.filename for s in ckpt.shards}  # the shard writer fsyncs its own files
+            for path in tmp.rglob("*"):
+                if path.is_file() and path.relative_to(tmp).as_posix() not in shard_names:
+                    fsync_file(path)
+        return written, copied
+
+    written, copied = build_atomically(src, out, force, lambda: expected_output_bytes(ckpt, plan, follow_symlinks),
+                                       build, notify, fsync)
     return PadResult(str(out), tuple(s.filename for s in ckpt.shards), written, time.monotonic() - started,
                      len([op for op in plan.ops if op.replace is None]), tuple(copied), tuple(sides.skipped),
                      tuple(sides.external))
@@ -275,7 +206,7 @@ def _write_shards(ckpt: Checkpoint, ops: dict, tmp: Path, progress, fsync: bool)
         path = output_file(tmp, shard.filename)
         size = write_shard(ckpt.source.root, shard, shard_ops, path, advance, fsync=False, cancel=cancel)
         if fsync:
-            _fsync_file(path)
+            fsync_file(path)
         return size
 
     pool = ThreadPoolExecutor(max_workers=max(1, min(WRITERS, len(ckpt.shards))))
@@ -328,7 +259,7 @@ def _copy_file(src: Path, dest: Path) -> None:
         shutil.copyfileobj(fin, fout, COPY_BUFFER)
 
 
-def _copy_side_files(ckpt: Checkpoint, plan: PadPlan, tmp: Path, sides: SideFiles) -> list[str]:
+def _copy_side_files(ckpt: Checkpoint, plan: PadPlan, tmp: Path, sides: SideFiles, model: str) -> list[str]:
     copied, card = [], None
     for name, real in sides.keep:
         if name == "README.md":
@@ -338,8 +269,8 @@ def _copy_side_files(ckpt: Checkpoint, plan: PadPlan, tmp: Path, sides: SideFile
         copied.append(name)
     if card is not None and card.stat().st_size > MAX_CARD_BYTES:
         raise InputError(f"{ckpt.source.root / 'README.md'}: over the {MAX_CARD_BYTES:,}-byte limit for a model card")
-    text = card.read_text(encoding="utf-8", errors="replace") if card is not None else f"# {ckpt.source.source_id} (padded)\n"
-    write_output(tmp, "README.md", (text.rstrip("\n") + "\n" + model_card_section(plan, ckpt)).encode("utf-8"))
+    text = card.read_text(encoding="utf-8", errors="replace") if card is not None else f"# {card_source(ckpt)} (padded)\n"
+    write_output(tmp, "README.md", (text.rstrip("\n") + "\n" + model_card_section(plan, ckpt, model)).encode("utf-8"))
     copied.append("README.md")
     return copied
 

@@ -84,12 +84,13 @@ def hub_error(exc: BaseException, repo_id: str, revision: str | None = None, *, 
         if isinstance(e, HFValidationError):
             return InputError(f"{what}: not a valid repo id or revision ({_first_line(e)})")
         if isinstance(e, GatedRepoError):
-            return Err(f"{what}: access denied (gated repo): request access on the Hub and set HF_TOKEN",
+            return Err(f"{what}: access denied (gated repo): request access on the Hub and set HF_TOKEN "
+                       "(or run `hf auth login`)",
                        hint=f"{endpoint()}/{repo_id}")
         if isinstance(e, RepositoryNotFoundError):
             if _status(e) == 401:
                 return Err(f"{what}: repository not found, or access denied (private or gated): set HF_TOKEN "
-                           "or request access on the Hub")
+                           "(or run `hf auth login`) or request access on the Hub")
             return Err(f"{what}: repository not found on {endpoint()}")
         if isinstance(e, RevisionNotFoundError):
             return Err(f"{what}: revision {revision or 'main'!r} not found (expected a branch, tag or commit)")
@@ -104,12 +105,14 @@ def hub_error(exc: BaseException, repo_id: str, revision: str | None = None, *, 
                 return Err(f"{what}: rate limited by the Hub (HTTP 429); retry later")
             if status == 401:
                 if "invalid credentials" in f"{e} {getattr(e, 'server_message', '')}".lower():  # a token was sent
-                    return Err(f"{what}: the Hub rejected the token (HTTP 401): check HF_TOKEN")
+                    return Err(f"{what}: the Hub rejected the token (HTTP 401): check HF_TOKEN "
+                               "(or run `hf auth login` again)")
                 return Err(f"{what}: access denied (HTTP 401): set HF_TOKEN"
-                           + (" to a token with write access" if writing else ""))
+                           + (" to a token with write access" if writing else "") + " (or run `hf auth login`)")
             if status == 403:
                 return Err(f"{what}: access denied (HTTP 403): " + ("HF_TOKEN needs write access to this namespace"
-                                                                     if writing else "set HF_TOKEN or request access on the Hub"))
+                                                                     if writing else "set HF_TOKEN (or run `hf auth login`) "
+                                                                     "or request access on the Hub"))
             if status >= 500:
                 return Err(f"{what}: the Hub answered HTTP {status}; retry later")
             return Err(f"{what}: the Hub answered HTTP {status} ({_first_line(e)})")

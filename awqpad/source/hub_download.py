@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from awqpad.errors import InputError
+from awqpad.source import header_cache
 from awqpad.source.hub_common import library_version as _version
 from awqpad.source.hub_common import progress_bars as _progress_bars
 from awqpad.source import bounded_json
@@ -37,7 +38,7 @@ DOWNLOAD_IGNORE = [
 
 HEADER_PROBE = 16 * 1024  # first Range request for a shard the index says nothing about; longer headers take a second
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own cap
-COMPLETE = ".awqpad-headers.json"  # marker written last into a finished headers directory
+COMPLETE = header_cache.COMPLETE  # marker written last into a finished headers directory
 
 
 
@@ -121,10 +122,9 @@ def _check_online(repo_id: str, revision: str | None) -> None:
 
 
 def _headers_root(repo_id: str, commit: str) -> Path:
-    from huggingface_hub import constants
-    from huggingface_hub.file_download import repo_folder_name
+    from awqpad.source.header_cache import headers_root
 
-    return Path(constants.HF_HOME) / "awqpad" / "headers" / repo_folder_name(repo_id=repo_id, repo_type="model") / commit
+    return headers_root(repo_id, commit)
 
 
 def _complete(root: Path) -> bool:
@@ -160,6 +160,7 @@ def resolve_headers(repo_id: str, revision: str | None) -> Source:
 
         root = _headers_root(repo_id, commit)
         if _complete(root):
+            header_cache.touch(root)
             return Source(root, repo_id, commit, is_hub=True, fetched_bytes=fetched)
         if _snapshot_has_weights(snapshot):  # `pad` downloaded this commit already: its headers are local
             return Source(snapshot, repo_id, commit, is_hub=True, fetched_bytes=fetched)
@@ -192,6 +193,7 @@ def resolve_headers(repo_id: str, revision: str | None) -> Source:
     pickles = [] if shards else sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
     where_to = _materialise(root, files, headers, {s: names[s].size for s in shards}, pickles,
                             {"repo": repo_id, "revision": revision, "commit": commit, "fetched_bytes": fetched})
+    header_cache.prune(keep=where_to)
     return Source(where_to, repo_id, commit, is_hub=True, fetched_bytes=fetched)
 
 

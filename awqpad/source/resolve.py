@@ -6,7 +6,8 @@ HF_HUB_OFFLINE are honoured exactly as the hub library honours them:
 * `headers_only=True` (inspect, plan): config.json, the safetensors index and the quantization side
   files are downloaded into the normal HF cache; of each shard only the 8-byte length and the JSON
   header are fetched, with HTTP Range requests through huggingface_hub's own HTTP session. They are
-  materialised as *sparse* files of the remote size under `$HF_HOME/awqpad/headers/`, so
+  materialised as *sparse* files of the remote size in the repo's Hub-cache folder
+  (`models--ORG--NAME/awqpad-headers/COMMIT/`, see header_cache.py), so
   `read_checkpoint` reads them like a local directory. Planning a 40 GB repo costs kilobytes.
 * `headers_only=False` (pad, verify): `snapshot_download` into the normal HF cache (resumable),
   skipping files the output never needs (`*.bin`, `*.pth`, `original/`, ...).

@@ -6,3 +6,7 @@ from awqpad.verify.runner import verify_output
 from awqpad.verify.structure import PROVENANCE
 
 __all__ = ["Check", "PROVENANCE", "VerifyReport", "verify_output"]
+
+from awqpad.lazy import make_callable
+
+make_callable(__name__)  # `awqpad.verify(...)` is the API function (see awqpad/__init__.py)
