@@ -7,6 +7,7 @@ Hub sends so the library raises its own typed errors:
   GET  /api/models/{repo}/tree/{rev}[/{path}]     file listing (recursive or not), LFS info for *.safetensors
   HEAD /{repo}/resolve/{rev}/{path}               X-Repo-Commit, ETag, Content-Length, Accept-Ranges
   GET  /{repo}/resolve/{rev}/{path}               the bytes, honouring `Range: bytes=a-b` / `bytes=a-` (206)
+  GET  /api/whoami-v2                             the token's user, organisations and role (read / write)
   POST /api/repos/create                          create a repo (409 if it exists)
   POST /api/validate-yaml                         README metadata check (always fine)
   POST /api/models/{repo}/preupload/{rev}         upload mode: always "regular" (content inline in the commit)
@@ -33,6 +34,8 @@ from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 TOKEN = "hf_awqpad_test_token"
+READ_TOKEN = "hf_awqpad_read_only_token"  # reads like TOKEN; writes get 403; whoami says role "read"
+USER, ORGS = "me", ("org",)  # whoami of both tokens: may write to me/* and org/*
 GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
 
 
@@ -229,7 +232,10 @@ class _Handler(BaseHTTPRequestHandler):
         auth = self.headers.get("Authorization") or ""
         if not auth:
             return False, False
-        return True, auth.removeprefix("Bearer ").strip() == self.server_hub.token
+        return True, auth.removeprefix("Bearer ").strip() in (self.server_hub.token, READ_TOKEN)
+
+    def _writer(self) -> bool:
+        return (self.headers.get("Authorization") or "").removeprefix("Bearer ").strip() == self.server_hub.token
 
     def _check_auth(self) -> bool:
         sent, valid = self._token()
@@ -302,6 +308,8 @@ class _Handler(BaseHTTPRequestHandler):
                     return self._preupload(f"{parts[2]}/{parts[3]}", "/".join(parts[5:]), json.loads(body or b"{}"))
                 if len(parts) >= 6 and parts[:2] == ["api", "models"] and parts[4] == "commit":
                     return self._commit(f"{parts[2]}/{parts[3]}", "/".join(parts[5:]), body)
+            elif parts == ["api", "whoami-v2"]:
+                return self._whoami()
             elif len(parts) >= 4 and parts[:2] == ["api", "models"]:
                 repo_id = f"{parts[2]}/{parts[3]}"
                 if len(parts) == 4:
@@ -400,10 +408,22 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, body, headers, content_length=size)
 
     # -- writes -----------------------------------------------------------------------------------
+    def _whoami(self) -> None:
+        sent, valid = self._token()
+        if not valid:
+            return self._error(401, None, "Invalid username or password.")
+        role = "write" if self._writer() else "read"
+        self._json(200, {"type": "user", "name": USER, "fullname": USER,
+                         "orgs": [{"type": "org", "name": org, "roleInOrg": "write"} for org in ORGS],
+                         "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": role}}})
+
     def _need_write(self) -> bool:
         sent, valid = self._token()
         if not valid:
             self._error(401, None, "Invalid username or password.")
+            return False
+        if not self._writer():
+            self._error(403, None, "You don't have the rights to write to this repo (read-only token)")
             return False
         return True
 

@@ -47,14 +47,29 @@ def test_pad_then_rerun_is_a_clean_noop(src, tmp_path):
     assert result["status"] == "padded" and result["plan"]["dims"]["intermediate_size"]["padded"] == 2560
     again = awqpad("pad", tmp_path / "out", tmp_path / "out2", "--tp", "4")
     assert again.returncode == 0 and "already padded" in again.stdout
-    assert not (tmp_path / "out2").exists()
+    # Issue 16: OUT is always produced (`awqpad pad A B && vllm serve B`), as hard links on one filesystem,
+    # and its awqpad.json keeps the padding record of the bytes it holds, marked as needing no padding.
+    out, out2 = tmp_path / "out", tmp_path / "out2"
+    for shard in out.glob("*.safetensors"):
+        assert (out2 / shard.name).stat().st_ino == shard.stat().st_ino
+    record = json.loads((out2 / "awqpad.json").read_text())
+    assert record["status"] == "already padded" and record["padding_needed"] is False
+    assert record["ops"] == json.loads((out / "awqpad.json").read_text())["ops"] != []
+    for path in out.iterdir():
+        if path.name != "awqpad.json":
+            assert (out2 / path.name).read_bytes() == path.read_bytes(), path.name
     assert tree_hash(src) == before
 
 
 def test_nothing_to_do_when_tp_already_works(src, tmp_path):
     proc = awqpad("pad", src, tmp_path / "out", "--tp", "1", "--json")
     assert proc.returncode == 0 and json.loads(proc.stdout)["status"] == "nothing to do"
-    assert not (tmp_path / "out").exists()
+    out = tmp_path / "out"
+    for name in ["config.json", *(p.name for p in src.glob("*.safetensors"))]:
+        assert (out / name).read_bytes() == (src / name).read_bytes()
+        assert (out / name).stat().st_ino == (src / name).stat().st_ino  # a hard link, not a copy
+    record = json.loads((out / "awqpad.json").read_text())
+    assert record["padding_needed"] is False and record["status"] == "nothing to do" and record["ops"] == []
 
 
 def test_existing_out_is_refused_without_force(src, tmp_path):
