@@ -90,8 +90,10 @@ def inspect(src: str, *, engine: str = DEFAULT_ENGINE, revision: str | None = No
 
 
 def plan_with_source(src, tp, *, engine=DEFAULT_ENGINE, skip_experts=False, pad_heads=False, expert_parallel=False,
-                     strategy="auto", revision=None, token=None, cache_dir=None, headers_only=True, progress_bars=False):
-    """(PadPlan, Source, Checkpoint): `plan` plus what the CLI reports about the source."""
+                     strategy="auto", revision=None, token=None, cache_dir=None, headers_only=True, progress_bars=False,
+                     refuse_foreign=False):
+    """(PadPlan, Source, Checkpoint): `plan` plus what the CLI reports about the source. `refuse_foreign`
+    (pad): a quantization awqpad only recognises (MXFP4, bitsandbytes, GGUF, ...) raises instead."""
     from awqpad.checkpoint.model import read_checkpoint
     from awqpad.plan.strategy import check_strategy, plan_with_strategy
 
@@ -100,6 +102,10 @@ def plan_with_source(src, tp, *, engine=DEFAULT_ENGINE, skip_experts=False, pad_
     with hub_settings(token, cache_dir):
         source = _resolve(src, revision, headers_only, progress_bars)
         ckpt = read_checkpoint(source)
+    if refuse_foreign and ckpt.foreign is not None:
+        from awqpad.checkpoint.foreign import refuse
+
+        refuse(ckpt.foreign)  # MXFP4 too: the engines already split it at any TP, there is nothing to pad
     return plan_with_strategy(ckpt, _tps(tp), engine, skip_experts, pad_heads, expert_parallel, strategy), source, ckpt
 
 

@@ -312,3 +312,28 @@ def test_startup_imports_stay_lazy(src):
     proc = subprocess.run([sys.executable, "-c", "import sys, awqpad; print(sorted(m for m in %r if m in sys.modules))"
                            % (HEAVY,)], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.stdout.strip() == "[]"
+
+
+# --- 4. sha256 of every output file, recorded while writing, checked by verify ----------------------
+
+
+def test_awqpad_json_records_sha256_and_verify_checks_it(src, tmp_path):
+    import hashlib
+
+    out = tmp_path / "hashed"
+    assert run("pad", src, out, "--tp", "4").returncode == 0
+    files = json.loads((out / "awqpad.json").read_text())["files"]
+    written = {p.name for p in out.iterdir() if p.is_file()} - {"awqpad.json"}
+    assert set(files) == written
+    for name, entry in files.items():
+        data = (out / name).read_bytes()
+        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}, name
+    assert run("verify", out, "--layers", "none").returncode == 0
+    # One flipped byte inside a tensor pad never touched: OUT alone has nothing to compare it with but the hash.
+    shard = sorted(out.glob("*.safetensors"))[0]
+    raw = bytearray(shard.read_bytes())
+    header = 8 + int.from_bytes(raw[:8], "little")
+    raw[header + 3] ^= 0x01
+    shard.write_bytes(bytes(raw))
+    proc = run("verify", out, "--layers", "none")
+    assert proc.returncode == 1 and "sha256" in proc.stdout, proc.stdout

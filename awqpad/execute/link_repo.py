@@ -16,7 +16,7 @@ from typing import Callable
 from awqpad.checkpoint.model import Checkpoint
 from awqpad.errors import InputError, OutputError
 from awqpad.execute.build import build_atomically, check_destination, fsync_file
-from awqpad.execute.output_repo import PROVENANCE, PadResult, _write_json, provenance, side_files
+from awqpad.execute.output_repo import PROVENANCE, PadResult, _write_json, copy_file, provenance, side_files
 from awqpad.plan.pad_plan import PadPlan
 from awqpad.source import bounded_json
 from awqpad.source.paths import output_file, source_file
@@ -25,24 +25,22 @@ from awqpad.source.paths import output_file, source_file
 COPY_INSTEAD = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES}
 
 
-def _link_or_copy(src: Path, dest: Path) -> bool:
+def _link_or_copy(src: Path, dest: Path) -> str | None:
     """Hard link `src` (already resolved: an HF-cache symlink's blob) at `dest`; copy if the filesystem
-    cannot hold the link. Returns True when linked."""
+    cannot hold the link. Returns None when linked, else the sha256 of the copy (hashed as it was written)."""
     try:
         os.link(src, dest, follow_symlinks=True)
-        return True
+        return None
     except OSError as exc:
         if exc.errno not in COPY_INSTEAD:
             raise OutputError(f"{dest}: cannot link to {src} ({exc.strerror or exc})") from None
-    from awqpad.execute.output_repo import _copy_file
-
-    _copy_file(src, dest)
-    return False
+    return copy_file(src, dest)
 
 
-def _record(ckpt: Checkpoint, plan: PadPlan, tmp: Path, status: str) -> dict:
-    """awqpad.json of an unpadded OUT. "already padded": SRC's own record (its ops describe these very
-    bytes, so `verify OUT` still checks them), marked as passed through; otherwise a fresh record."""
+def _record(ckpt: Checkpoint, plan: PadPlan, tmp: Path, status: str, digests: dict) -> dict:
+    """awqpad.json of an unpadded OUT. "already padded": SRC's own record (its ops and file hashes describe
+    these very bytes, so `verify OUT` still checks them), marked as passed through; otherwise a fresh record
+    (sha256 only of the files copied: a hard link was never written, so never hashed)."""
     src_record = ckpt.source.root / PROVENANCE
     data = None
     if status == "already padded":
@@ -51,7 +49,7 @@ def _record(ckpt: Checkpoint, plan: PadPlan, tmp: Path, status: str) -> dict:
         except InputError:
             data = None
     if not isinstance(data, dict):
-        data = provenance(ckpt, plan, tmp)
+        data = provenance(ckpt, plan, tmp, digests)
     data["padding_needed"] = False
     data["status"] = status
     return data
@@ -70,20 +68,22 @@ def link_to_directory(ckpt: Checkpoint, plan: PadPlan, out: Path, *, status: str
         if name:
             files[name] = source_file(src, name, f"{src}: {name}")
     files.update(dict(sides.keep))
-    linked, copied = [], []
+    linked, copied, digests = [], [], {}
 
     def build(tmp: Path) -> int:
         written = 0
         for name, real in files.items():
             dest = output_file(tmp, name)
-            if _link_or_copy(real, dest):
+            sha = _link_or_copy(real, dest)
+            if sha is None:
                 linked.append(name)
             else:
                 copied.append(name)
+                digests[name] = sha
                 written += dest.stat().st_size
                 if fsync:
                     fsync_file(dest)
-        _write_json(tmp, PROVENANCE, _record(ckpt, plan, tmp, status))
+        _write_json(tmp, PROVENANCE, _record(ckpt, plan, tmp, status, digests))
         if fsync:
             fsync_file(tmp / PROVENANCE)
         return written

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -168,11 +167,12 @@ def pad_to_directory(ckpt: Checkpoint, plan: PadPlan, out: Path, *, force: bool 
     check_padding_regions(ckpt, plan)
 
     def build(tmp: Path) -> tuple[int, list[str]]:
-        written = _write_shards(ckpt, plan_ops(plan), tmp, progress, fsync)
-        _write_index(ckpt, plan, tmp)
-        _write_config(ckpt, plan, tmp)
-        copied = _copy_side_files(ckpt, plan, tmp, sides, model or f"./{out.name}")
-        _write_provenance(ckpt, plan, tmp)
+        digests: dict[str, str] = {}  # file -> sha256 of the bytes written, filled in as they go out
+        written = _write_shards(ckpt, plan_ops(plan), tmp, progress, fsync, digests)
+        _write_index(ckpt, plan, tmp, digests)
+        _write_config(ckpt, plan, tmp, digests)
+        copied = _copy_side_files(ckpt, plan, tmp, sides, model or f"./{out.name}", digests)
+        _write_provenance(ckpt, plan, tmp, digests)
         if fsync:
             shard_names = {s.filename for s in ckpt.shards}  # the shard writer fsyncs its own files
             for path in tmp.rglob("*"):
@@ -191,7 +191,7 @@ def plan_ops(plan: PadPlan) -> dict:
     return {op.tensor: op for op in plan.ops}
 
 
-def _write_shards(ckpt: Checkpoint, ops: dict, tmp: Path, progress, fsync: bool) -> int:
+def _write_shards(ckpt: Checkpoint, ops: dict, tmp: Path, progress, fsync: bool, digests: dict | None = None) -> int:
     """Write (and fsync) every shard, WRITERS at a time: the copies are kernel memcpy-bound, so two cores
     finish sooner than one. The first failure (or Ctrl-C) stops the other writers before it propagates."""
     cancel = threading.Event()
@@ -204,7 +204,8 @@ def _write_shards(ckpt: Checkpoint, ops: dict, tmp: Path, progress, fsync: bool)
     def one(shard) -> int:
         shard_ops = {n: ops[n] for n in shard.tensors if n in ops}
         path = output_file(tmp, shard.filename)
-        size = write_shard(ckpt.source.root, shard, shard_ops, path, advance, fsync=False, cancel=cancel)
+        size = write_shard(ckpt.source.root, shard, shard_ops, path, advance, fsync=False, cancel=cancel,
+                           digests=digests)
         if fsync:
             fsync_file(path)
         return size
@@ -225,11 +226,17 @@ def _write_shards(ckpt: Checkpoint, ops: dict, tmp: Path, progress, fsync: bool)
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _write_json(tmp: Path, name: str, data) -> None:
-    write_output(tmp, name, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+def _write_json(tmp: Path, name: str, data, digests: dict | None = None) -> None:
+    _write_hashed(tmp, name, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8"), digests)
 
 
-def _write_index(ckpt: Checkpoint, plan: PadPlan, tmp: Path) -> None:
+def _write_hashed(tmp: Path, name: str, raw: bytes, digests: dict | None) -> None:
+    write_output(tmp, name, raw)
+    if digests is not None:
+        digests[name] = hashlib.sha256(raw).hexdigest()
+
+
+def _write_index(ckpt: Checkpoint, plan: PadPlan, tmp: Path, digests: dict | None = None) -> None:
     if ckpt.index_file is None:
         return
     root = ckpt.source.root
@@ -240,42 +247,54 @@ def _write_index(ckpt: Checkpoint, plan: PadPlan, tmp: Path) -> None:
     if not isinstance(index.get("metadata"), dict):
         index["metadata"] = {}
     index["metadata"]["total_size"] = total
-    _write_json(tmp, ckpt.index_file, index)
+    _write_json(tmp, ckpt.index_file, index, digests)
 
 
-def _write_config(ckpt: Checkpoint, plan: PadPlan, tmp: Path) -> None:
+def _write_config(ckpt: Checkpoint, plan: PadPlan, tmp: Path, digests: dict | None = None) -> None:
     config = json.loads(json.dumps(ckpt.config.raw))
     for path, value in plan.config_updates.items():
         _set_path(config, path, value)
-    _write_json(tmp, "config.json", config)
+    _write_json(tmp, "config.json", config, digests)
 
 
-def _copy_file(src: Path, dest: Path) -> None:
+def copy_file(src: Path, dest: Path) -> str:
+    """Copy `src` (an HF-cache symlink's blob: its bytes) to the new file `dest`; returns the sha256 of the
+    bytes written, hashed on the way out (no second read)."""
     try:
         fin = open(src, "rb")
     except OSError as exc:
         raise InputError(f"{src}: cannot read ({exc.strerror or exc})") from None
+    h = hashlib.sha256()
     with fin, os.fdopen(create_output(dest), "wb") as fout:
-        shutil.copyfileobj(fin, fout, COPY_BUFFER)
+        while data := fin.read(COPY_BUFFER):
+            h.update(data)
+            fout.write(data)
+    return h.hexdigest()
 
 
-def _copy_side_files(ckpt: Checkpoint, plan: PadPlan, tmp: Path, sides: SideFiles, model: str) -> list[str]:
+def _copy_side_files(ckpt: Checkpoint, plan: PadPlan, tmp: Path, sides: SideFiles, model: str,
+                     digests: dict | None = None) -> list[str]:
     copied, card = [], None
     for name, real in sides.keep:
         if name == "README.md":
             card = real
             continue
-        _copy_file(real, output_file(tmp, name))  # HF-cache symlinks: the blob's bytes
+        sha = copy_file(real, output_file(tmp, name))  # HF-cache symlinks: the blob's bytes
+        if digests is not None:
+            digests[name] = sha
         copied.append(name)
     if card is not None and card.stat().st_size > MAX_CARD_BYTES:
         raise InputError(f"{ckpt.source.root / 'README.md'}: over the {MAX_CARD_BYTES:,}-byte limit for a model card")
     text = card.read_text(encoding="utf-8", errors="replace") if card is not None else f"# {card_source(ckpt)} (padded)\n"
-    write_output(tmp, "README.md", (text.rstrip("\n") + "\n" + model_card_section(plan, ckpt, model)).encode("utf-8"))
+    _write_hashed(tmp, "README.md", (text.rstrip("\n") + "\n" + model_card_section(plan, ckpt, model)).encode("utf-8"),
+                  digests)
     copied.append("README.md")
     return copied
 
 
-def provenance(ckpt: Checkpoint, plan: PadPlan, out_dir: Path | None = None) -> dict:
+def provenance(ckpt: Checkpoint, plan: PadPlan, out_dir: Path | None = None, digests: dict | None = None) -> dict:
+    """awqpad.json. `files`: every shard's size, and with `digests` the sha256 of every file written
+    (shards and the small files; not awqpad.json itself), computed as the bytes went out."""
     data = {
         "awqpad_version": __version__,
         "schema_version": plan.schema_version,
@@ -292,8 +311,10 @@ def provenance(ckpt: Checkpoint, plan: PadPlan, out_dir: Path | None = None) -> 
     }
     if out_dir is not None:
         data["files"] = {s.filename: {"size": (out_dir / s.filename).stat().st_size} for s in ckpt.shards}
+        for name, sha in sorted((digests or {}).items()):
+            data["files"].setdefault(name, {"size": (out_dir / name).stat().st_size})["sha256"] = sha
     return data
 
 
-def _write_provenance(ckpt: Checkpoint, plan: PadPlan, tmp: Path) -> None:
-    _write_json(tmp, PROVENANCE, provenance(ckpt, plan, tmp))
+def _write_provenance(ckpt: Checkpoint, plan: PadPlan, tmp: Path, digests: dict | None = None) -> None:
+    _write_json(tmp, PROVENANCE, provenance(ckpt, plan, tmp, digests))

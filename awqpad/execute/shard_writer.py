@@ -1,13 +1,14 @@
 """Stream one safetensors shard through the plan's TensorOps into a new shard.
 
 The output header is computed first (shapes and offsets are known from the plan), then tensors are
-written in source order: unchanged tensors are copied as bytes (copy_file_range, no decode), padded
-tensors in bounded row blocks. Memory stays at one block (<= BLOCK_BYTES) whatever the model size.
+written in source order: unchanged tensors are copied as bytes (no decode, in 32 MB chunks that pass
+through sha256), padded tensors in bounded row blocks. Memory stays at one block (<= BLOCK_BYTES) whatever the model size.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import math
 import os
 import threading
@@ -46,7 +47,8 @@ WRITEBACK_EVERY = 64 << 20
 
 
 class ShardWriter:
-    """Positional writes into one output file; every byte count is checked against the plan.
+    """Positional writes into one output file; every byte count is checked against the plan, and every
+    byte goes through sha256 on its way out (awqpad.json records it; no second read pass).
 
     Writeback of what is written is started every WRITEBACK_EVERY bytes, so the disk works while the
     next tensors are produced and the final fsync has little left to wait for.
@@ -58,7 +60,7 @@ class ShardWriter:
         self.fd = create_output(path)  # a new file, never an existing one truncated
         self.pos = 0
         self._flushed = 0
-        self._copy_range = hasattr(os, "copy_file_range")
+        self.sha256 = hashlib.sha256()
 
     def _kick_writeback(self) -> None:
         if _SYNC_FILE_RANGE is not None and self.pos - self._flushed >= WRITEBACK_EVERY:
@@ -67,6 +69,7 @@ class ShardWriter:
 
     def write(self, data) -> None:
         view = memoryview(data).cast("B")
+        self.sha256.update(view)  # releases the GIL: the other writer thread keeps going
         while view:
             written = _io(os.pwrite, self.fd, view, self.pos, path=self.path)
             self.pos += written
@@ -74,27 +77,13 @@ class ShardWriter:
         self._kick_writeback()
 
     def copy_from(self, src_fd: int, offset: int, size: int, what: str) -> None:
+        """Copy a source byte range. Read into memory (one chunk at a time) rather than copy_file_range'd
+        in the kernel, because the bytes must pass through sha256; the page cache serves the read."""
         end = offset + size
         while offset < end:
             n = min(COPY_CHUNK, end - offset)
-            if self._copy_range:
-                try:
-                    done = os.copy_file_range(src_fd, self.fd, n, offset, self.pos)
-                except OSError as exc:
-                    if exc.errno in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-                        self._copy_range = False
-                        continue
-                    _raise_write(exc, self.path)
-                if done == 0:
-                    raise InputError(f"{what}: source ended early (truncated?)")
-            else:
-                chunk = pread_exact(src_fd, n, offset, what)
-                self.write(chunk)
-                offset += n
-                continue
-            offset += done
-            self.pos += done
-            self._kick_writeback()
+            self.write(pread_exact(src_fd, n, offset, what))
+            offset += n
 
     def close(self, fsync: bool = True) -> None:
         try:
@@ -144,8 +133,9 @@ class Cancelled(Exception):
 
 def write_shard(src_root: Path, header: ShardHeader, ops: dict[str, TensorOp], out_path: Path,
                 advance: Callable[[int], None] = lambda n: None, fsync: bool = True,
-                cancel: threading.Event | None = None) -> int:
-    """Write the padded version of one shard; returns its size. Checks `cancel` between tensors."""
+                cancel: threading.Event | None = None, digests: dict[str, str] | None = None) -> int:
+    """Write the padded version of one shard; returns its size and, if `digests` is given, stores the
+    sha256 of the bytes written under the shard's file name. Checks `cancel` between tensors."""
     layout = output_layout(header, ops)
     head = encode_header([(i.name, i.dtype, s, n) for i, _, s, n in layout], header.metadata)
     size = len(head) + sum(n for *_, n in layout)
@@ -174,6 +164,8 @@ def write_shard(src_root: Path, header: ShardHeader, ops: dict[str, TensorOp], o
         writer.abort()
         raise
     writer.close(fsync=fsync)
+    if digests is not None:
+        digests[out_path.name] = writer.sha256.hexdigest()
     return size
 
 
@@ -216,7 +208,7 @@ def _write_padded(writer: ShardWriter, fd: int, info: TensorInfo, op: TensorOp) 
     out_row_bytes = new_length * inner * size
     if out_row_bytes > BLOCK_BYTES:
         # Rows too big for one block (e.g. appending rows to a huge [K, N/8] tensor): copy original
-        # stretches in the kernel (copy_file_range) and write the fill in bounded pieces.
+        # stretches chunk by chunk and write the fill in bounded pieces.
         for r in range(outer):
             base = info.begin + r * row_bytes
             cursor = 0

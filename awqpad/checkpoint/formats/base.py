@@ -119,15 +119,13 @@ NUMPY_DTYPES = {  # numpy dtype names (numpy itself is imported on first use)
 
 def to_float64(array: np.ndarray, dtype: str) -> np.ndarray:
     """Decode raw tensor values (BF16 as uint16 bit patterns, float8 as uint8 bytes) to float64."""
-    if dtype in FLOAT8_DTYPES:
-        return FLOAT8_DTYPES[dtype][array.astype(np.uint8)]
+    if dtype in float8.DTYPES:
+        return float8.table(dtype)[array.astype(np.uint8)]
     if dtype == "BF16":
         return bf16_to_f32(array).astype(np.float64)
     return array.astype(np.float64)
 
 
-E4M3FN = float8.E4M3FN  # byte -> value (float8.py decodes e4m3fn and e4m3fnuz)
-FLOAT8_DTYPES = float8.TABLES
 
 
 def fill_bytes(dtype: str, value: float | int) -> bytes:

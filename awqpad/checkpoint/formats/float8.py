@@ -10,9 +10,12 @@ e4m3fnuz. So here we set it to 0.").
 
 from __future__ import annotations
 
-import numpy as np
+from functools import lru_cache
 
 from awqpad.errors import UnsupportedError
+from awqpad.lazy import numpy as np
+
+DTYPES = ("F8_E4M3",)  # safetensors dtypes with a byte table here
 
 
 def _e4m3(code: int, bias: int, fnuz: bool) -> float:
@@ -27,29 +30,49 @@ def _e4m3(code: int, bias: int, fnuz: bool) -> float:
     return sign * (1 + man / 8) * 2.0 ** (exp - bias)
 
 
-E4M3FN = np.array([_e4m3(c, 7, False) for c in range(256)], dtype=np.float64)
-E4M3FNUZ = np.array([_e4m3(c, 8, True) for c in range(256)], dtype=np.float64)
-TABLES = {"F8_E4M3": E4M3FN}
+@lru_cache(maxsize=None)
+def _table(bias: int, fnuz: bool):
+    # built on first use: importing the formats stays numpy-free, which keeps `awqpad inspect` fast
+    table = np.array([_e4m3(c, bias, fnuz) for c in range(256)], dtype=np.float64)
+    table.flags.writeable = False
+    return table
+
+
+def e4m3fn():
+    """byte -> float64 value under e4m3fn."""
+    return _table(7, False)
+
+
+def e4m3fnuz():
+    """byte -> float64 value under e4m3fnuz."""
+    return _table(8, True)
+
+
+def table(dtype: str):
+    """byte -> float64 value for a safetensors dtype in DTYPES."""
+    if dtype == "F8_E4M3":
+        return e4m3fn()
+    raise UnsupportedError(f"no float8 table for dtype {dtype}")
 
 
 def decode_e4m3fnuz_raw(codes: np.ndarray) -> np.ndarray:
     """The bytes read as e4m3fnuz with no rewriting (0x80 -> NaN): what a path that skips the
     normalization sees."""
-    return E4M3FNUZ[np.asarray(codes, dtype=np.uint8)]
+    return e4m3fnuz()[np.asarray(codes, dtype=np.uint8)]
 
 
 def decode_e4m3fnuz_normalized(codes: np.ndarray) -> np.ndarray:
     """The bytes as a ROCm engine reads them after normalize_e4m3fn_to_e4m3fnuz (scale doubled by the caller)."""
     c = np.asarray(codes, dtype=np.uint8)
-    return E4M3FNUZ[np.where(c == 0x80, 0, c)]
+    return e4m3fnuz()[np.where(c == 0x80, 0, c)]
 
 
 def encode(dtype: str, value: float) -> bytes:
     """One byte of `dtype` that holds `value` exactly; +0.0 is 0x00, never 0x80."""
-    table = TABLES.get(dtype)
-    if table is None:
+    if dtype not in DTYPES:
         raise UnsupportedError(f"cannot pad a tensor of dtype {dtype}")
-    hits = [c for c in range(256) if table[c] == value and not (value == 0 and c & 0x80)]
+    values = table(dtype)
+    hits = [c for c in range(256) if values[c] == value and not (value == 0 and c & 0x80)]
     if not hits:
         raise UnsupportedError(f"{value!r} is not exactly representable in {dtype}")
     return bytes([hits[0]])

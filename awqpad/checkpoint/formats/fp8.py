@@ -38,7 +38,7 @@ from __future__ import annotations
 import numpy as np
 
 from awqpad.checkpoint.formats.base import Fill, Geometry, make_op, scaled, to_float64
-from awqpad.checkpoint.formats.float8 import E4M3FN, decode_e4m3fnuz_normalized, decode_e4m3fnuz_raw
+from awqpad.checkpoint.formats.float8 import decode_e4m3fnuz_normalized, decode_e4m3fnuz_raw, e4m3fn
 from awqpad.errors import InputError, UnsupportedError
 
 NAME = "fp8"
@@ -184,7 +184,7 @@ def dequantize(arrays: dict, linear, reader: str = "e4m3fn") -> np.ndarray:
     elif reader == "e4m3fnuz-raw":
         q, s = decode_e4m3fnuz_raw(codes), s * 2.0
     else:
-        q = E4M3FN[codes]
+        q = e4m3fn()[codes]
     n, k = codes.shape
     if kind(linear) == "tensor" and s.size > 1:  # a merged gate_up: one per-tensor scale per partition
         return q * np.repeat(s.reshape(-1), n // s.size)[:, None]

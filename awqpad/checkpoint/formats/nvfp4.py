@@ -34,16 +34,17 @@ Fills:
 
 from __future__ import annotations
 
-import numpy as np
+from awqpad.lazy import numpy as np
 
-from awqpad.checkpoint.formats.base import FLOAT8_DTYPES, Fill, Geometry, TensorOp, make_op, to_float64
+from awqpad.checkpoint.formats import float8
+from awqpad.checkpoint.formats.base import Fill, Geometry, TensorOp, make_op, to_float64
 from awqpad.errors import InputError, UnsupportedError
 
 NAME = "nvfp4"
 GROUP = 16
 PARTS = ("weight_packed", "weight", "weight_scale", "weight_global_scale", "input_global_scale",
          "weight_scale_2", "input_scale", "weight_shape", "bias")
-E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)  # code -> value
 ZERO_CODE = 0x00  # two +0.0 nibbles
 ZERO_SCALE = 0.0  # encoded as byte 0x00 (see above)
 
@@ -167,7 +168,7 @@ def marlin_scales(scale_bytes: np.ndarray) -> np.ndarray:
     (3 mantissa bits fit); the 2^-7 is folded into the global scale. Net effect: |scale| (the sign is
     dropped, which vLLM warns about), NaN stays NaN.
     """
-    values = FLOAT8_DTYPES["F8_E4M3"][scale_bytes.astype(np.uint8)]
+    values = float8.e4m3fn()[scale_bytes.astype(np.uint8)]
     half = (np.abs(values) * 2.0**7).astype(np.float16)
     byte = ((half.view(np.uint16).astype(np.uint32) << 1) >> 8) & 0xFF
     back = (byte.astype(np.uint16) << 7).view(np.float16).astype(np.float64)
@@ -183,5 +184,5 @@ def dequantize(arrays: dict, linear, reader: str = "nvfp4") -> np.ndarray:
     g = float(to_float64(np.asarray(arrays[g_name]).reshape(-1), linear.parts[g_name].dtype)[0])
     k = codes.shape[1]
     per_input = np.repeat(scales, GROUP, axis=1)[:, :k]
-    w = E2M1[codes] * per_input
+    w = np.asarray(E2M1)[codes] * per_input
     return w / g if g_name == "weight_global_scale" else w * g
