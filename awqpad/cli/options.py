@@ -41,7 +41,7 @@ CacheDirOpt = Annotated[Optional[str], typer.Option("--cache-dir", metavar="DIR"
                         help="Hugging Face Hub cache directory (default: HF_HUB_CACHE, ~/.cache/huggingface/hub).")]
 DEFAULT_ENGINE_NAME = DEFAULT_ENGINE
 OptionalStr = Optional[str]
-StrategyOpt = Annotated[str, typer.Option("--strategy", help="How to make widths split: pad (zero-pad in whole groups), "
+StrategyOpt = Annotated[str, typer.Option("--strategy", metavar="pad|regroup|auto", help="How to make widths split: pad (zero-pad in whole groups), "
                         "regroup (split quantization groups into smaller ones, exact), auto (the cheapest exact mix).")]
 PadHeadsOpt = Annotated[bool, typer.Option("--pad-heads", help="Also pad attention heads (zero heads inside each KV group, "
                         "or whole new KV groups) when the head count blocks the TP size.")]
