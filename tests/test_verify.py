@@ -65,6 +65,15 @@ def failed(report: dict) -> dict[str, str]:
     return {c["name"]: c["detail"] for c in report["checks"] if not c["ok"]}
 
 
+def tampered(report: dict, file_changed: bool = True) -> dict[str, str]:
+    """The failures of the check families a tampering test is about. Any change to a file pad wrote also
+    fails `checksums` (tests/test_checksums.py), so that one is asserted here and left out of the result."""
+    failures = failed(report)
+    if file_changed:
+        assert "checksums" in failures, failures
+    return {name: detail for name, detail in failures.items() if name != "checksums"}
+
+
 def pad(src: Path, out: Path, tp: int = TP) -> Path:
     # these fixtures are about padding; regrouped outputs are verified in test_regroup.py
     code, _, err = awqpad("pad", src, out, "--tp", tp, "--strategy", "pad", "--quiet")
@@ -148,7 +157,7 @@ def test_verify_passes_on_padded_output(padded, name):
     by_name = checks(report)
     assert set(by_name) == {"structure", "provenance", "config", "index", "tensors", f"rules vllm TP={TP}",
                             f"shards TP={TP}", "pad-fill", "bytes-original", "bytes-unchanged", "zeros",
-                            f"function TP={TP}", f"before TP={TP}"}
+                            f"function TP={TP}", f"before TP={TP}", "checksums"}
     function = by_name[f"function TP={TP}"]["figures"]
     assert function["blocks"] >= 2 and function["max_rel_error"] < 1e-12
     assert by_name["zeros"]["figures"]["weights"] > 0
@@ -232,7 +241,7 @@ def test_nonzero_scale_in_padded_region(broken):
     code, report, _ = verify_json(out, "--tp", TP)
     assert code == 1
     # q = z = 8 still dequantizes to 0, so only the fill check can see it: that is why it exists.
-    assert set(failed(report)) == {"pad-fill"}
+    assert set(tampered(report)) == {"pad-fill"}
     assert ("model.layers.0.mlp.gate_proj.scales[0, 640] = 1.0 in the padded region, expected 0.0"
             in failed(report)["pad-fill"])
 
@@ -302,7 +311,7 @@ def test_index_points_at_the_wrong_shard(broken):
     set_json(out / "model.safetensors.index.json", lambda i: i["weight_map"].__setitem__(name, wrong))
     code, report, err = verify_json(out, "--tp", TP)
     assert code == 1, err  # a damaged OUT is a failed verify, not bad input
-    assert failed(report) == {"structure": f"{out.resolve()}/model.safetensors.index.json: names tensor {name!r} in "
+    assert tampered(report) == {"structure": f"{out.resolve()}/model.safetensors.index.json: names tensor {name!r} in "
                                            f"{wrong} but that shard lacks it (it is in {right})"}
 
 
@@ -351,10 +360,11 @@ def test_unchanged_tensor_with_one_flipped_byte(broken):
         fh.write(bytes([byte[0] ^ 0x10]))
     code, report, _ = verify_json(src, out, "--tp", TP)
     assert code == 1
-    assert failed(report) == {"bytes-unchanged": f"{name} differs from SRC at byte 5 of {2 * shape[0]} (1 byte(s) differ); "
+    assert tampered(report) == {"bytes-unchanged": f"{name} differs from SRC at byte 5 of {2 * shape[0]} (1 byte(s) differ); "
                                                  "pad should have copied it unchanged"}
-    # Without SRC nothing records what an unpadded tensor held: standalone verify cannot see this.
-    assert verify_json(out, "--tp", TP)[0] == 0
+    # Without SRC only the sha256 pad recorded while writing knows what an unpadded tensor held.
+    code, report, _ = verify_json(out, "--tp", TP)
+    assert code == 1 and set(failed(report)) == {"checksums"}, failed(report)
 
 
 def test_tp_the_padding_does_not_satisfy(padded):
@@ -381,7 +391,9 @@ def test_record_that_lies_about_the_fill(broken):
                 op["inserts"][0]["fill"]["value"] = 1.0
 
     set_json(out / "awqpad.json", lie)
-    assert verify_json(out, "--tp", TP)[0] == 0  # q = z, so even the weights are still exactly zero
+    # q = z, so even the weights are still exactly zero: standalone, only the recorded sha256 sees the edit
+    code, report, _ = verify_json(out, "--tp", TP)
+    assert code == 1 and set(failed(report)) == {"checksums"}, failed(report)
     code, report, _ = verify_json(src, out, "--tp", TP)
     assert code == 1
     assert f"{name}: awqpad.json records" in failed(report)["provenance"]
@@ -467,7 +479,7 @@ def test_one_broken_expert_among_identical_ones(broken):
     edit(out, f"{prefix}.scales", lambda a: a.__setitem__((slice(None), slice(640, None)), np.float16(0.5)))
     code, report, _ = verify_json(out, "--tp", TP)
     assert code == 1
-    bad = failed(report)
+    bad = tampered(report)
     assert set(bad) == {"pad-fill", "zeros"}
     assert bad["zeros"] == (f"{prefix}: padded outputs [640, 768) dequantize to non-zero under reader awq "
                             "(32768 weights, max |w| = 4)")  # (0 - 8) * 0.5
@@ -483,6 +495,6 @@ def test_act_order_g_idx_fill_pointing_at_a_real_group(broken):
     edit(out, name, lambda a: a.__setitem__(slice(640, None), 0))
     code, report, _ = verify_json(out, "--tp", TP)
     assert code == 1
-    assert set(failed(report)) == {"pad-fill"}
+    assert set(tampered(report)) == {"pad-fill"}
     assert failed(report)["pad-fill"].startswith(
         f"{name}[640] = 0 in the padded region, expected 5 (group ids 5 + i // 128); 128 padded element(s) differ")

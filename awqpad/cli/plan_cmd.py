@@ -80,7 +80,8 @@ def render(plan, summary: dict, console) -> None:
     if changed:
         dims = Table(title="Padding plan", title_justify="left")
         for col in ("dimension", "original", "padded", "modules", "added bytes", "+% weight/FLOPs"):
-            dims.add_column(col, justify="left" if col == "dimension" else "right")
+            dims.add_column(col, justify="left" if col == "dimension" else "right",
+                            overflow="fold" if col == "dimension" else "ellipsis")
         for d in changed:
             dims.add_row(esc(d.config_key or f"{d.kind} (derived)"), str(d.original), str(d.padded), str(d.modules),
                          human_bytes(d.added_bytes), f"{100 * d.added_fraction:.2f}")

@@ -165,7 +165,7 @@ def write_shard(src_root: Path, header: ShardHeader, ops: dict[str, TensorOp], o
         raise
     writer.close(fsync=fsync)
     if digests is not None:
-        digests[out_path.name] = writer.sha256.hexdigest()
+        digests[header.filename] = writer.sha256.hexdigest()
     return size
 
 

@@ -14,7 +14,9 @@ import stat
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import re
+
+from awqpad.lazy import numpy as np
 
 from awqpad.errors import InputError
 
@@ -30,15 +32,29 @@ LIMITS = {
 MAX_DEPTH = 64
 MAX_NUMBER_DIGITS = 40
 
-_OPEN = np.frombuffer(b"[{", dtype=np.uint8)
-_CLOSE = np.frombuffer(b"]}", dtype=np.uint8)
+SMALL = 1 << 20  # below this a regex scan is as fast as numpy, and `inspect` need not import numpy
+_STRING_OR_BRACKET = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def _depth_small(raw: bytes) -> int:
+    depth = deepest = 0
+    for match in _STRING_OR_BRACKET.finditer(raw):
+        c = match.group()[0]
+        if c in b"[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in b"]}":
+            depth -= 1
+    return deepest
 
 
 def _depth(raw: bytes) -> int:
     """Deepest nesting of `raw`, ignoring brackets inside strings (memory ~ number of quotes and brackets)."""
+    if len(raw) < SMALL:
+        return _depth_small(raw)
     data = np.frombuffer(raw, dtype=np.uint8)
-    opening = np.isin(data, _OPEN)
-    bracket_pos = np.flatnonzero(opening | np.isin(data, _CLOSE))
+    opening = np.isin(data, np.frombuffer(b"[{", dtype=np.uint8))
+    bracket_pos = np.flatnonzero(opening | np.isin(data, np.frombuffer(b"]}", dtype=np.uint8)))
     if not bracket_pos.size:
         return 0
     quote = data == ord('"')

@@ -32,6 +32,8 @@ exits. Checks (in report order; "SRC" = only when the source is given):
   attn-shards TP=t  head-padded models: every rank gets whole query / KV heads and whole groups
   attention     SRC    head-padded models: the fp64 attention block of the first, middle and last
                     layer, unsharded and sharded by heads, equals the unpadded SRC block
+  checksums         every file awqpad.json records a sha256 for (pad hashed each as it wrote it) still
+                    has it: catches any change after writing, in bytes no other check samples
 
 Memory: the byte checks read through two 4 MB buffers per thread; `zeros` and `function` memory-map
 one linear / one MLP block (SRC and OUT) at a time and dequantize bounded float64 slices.
@@ -50,7 +52,7 @@ from awqpad.checkpoint.model import read_checkpoint
 from awqpad.engines.profiles import ENGINE_CHOICES, engines_for
 from awqpad.errors import InputError
 from awqpad.source import Source
-from awqpad.verify import bytewise, consistency, fills, function, regrouped, sharding, structure
+from awqpad.verify import bytewise, checksums, consistency, fills, function, regrouped, sharding, structure
 from awqpad.verify.context import Check, Progress, VerifyContext, VerifyReport, null_progress
 from awqpad.verify.structure import PROVENANCE
 
@@ -82,6 +84,7 @@ CHECKS: tuple[Entry, ...] = (
     Entry(regrouped.check_regroup, ("out", "ops")),  # regrouped scales / zeros / g_idx = SRC's groups split
     Entry(function.check_function, ("out", "src")),  # function TP=t, before TP=t
     Entry(function.check_attention, ("out",)),  # attn-shards TP=t, attention
+    Entry(checksums.check_checksums),  # every file's sha256 as pad wrote it
 )
 
 

@@ -35,7 +35,7 @@ TRT-LLM's FP8BlockScalesLinearMethod sizes scales as ceil(N/128) x ceil(K/128) w
 
 from __future__ import annotations
 
-import numpy as np
+from awqpad.lazy import numpy as np
 
 from awqpad.checkpoint.formats.base import Fill, Geometry, make_op, scaled, to_float64
 from awqpad.checkpoint.formats.float8 import decode_e4m3fnuz_normalized, decode_e4m3fnuz_raw, e4m3fn
