@@ -255,3 +255,108 @@ def test_qwen3_235b_fp8_on_eight_80gb_gpus(tmp_path):
     assert [r.layout.label for r in plan.layouts][-1] == "TP 8"  # +11 % FLOPs: last of the exact layouts
     # KV: 94 layers x K and V x one KV head per rank (4 KV heads replicated over 8) x 128 x bf16
     assert ep.kv_bytes_per_token == 94 * 2 * 1 * 128 * 2
+
+
+# --- DeepSeek-V3 (block FP8, MLA, 256 routed experts + 1 shared, 3 dense layers) on 2 and 4 nodes of 8 x 80 GB ------
+
+DSV3_H, DSV3_LAYERS, DSV3_DENSE, DSV3_EXPERTS, DSV3_VOCAB = 7168, 61, 3, 256, 129280
+MLA_LATENT = 512 + 64  # kv_lora_rank + qk_rope_head_dim: what every MLA rank caches per token and layer
+
+
+def fp8_block(n: int, k: int) -> int:
+    """One block-FP8 linear [n, k]: e4m3 weight (1 byte each) + F32 weight_scale_inv per 128 x 128 block."""
+    return n * k + -(-n // 128) * -(-k // 128) * 4
+
+
+def dsv3_stage_bytes(tp: int, ep: bool, layers: list[int], dense: int = 18432, shared: int = 2048,
+                     expert: int = 2048) -> list[int]:
+    """Weight bytes on one GPU of each pipeline stage (`layers`: decoder layers per stage, in order)."""
+    H = DSV3_H
+    # MLA attention. vLLM replicates q_a_proj [1536, H] and kv_a_proj_with_mqa [512 + 64, H] on every rank
+    # (ReplicatedLinear); q_b_proj [128 x (128 + 64), 1536], kv_b_proj [128 x (128 + 128), 512] and o_proj
+    # [H, 128 x 128] split over TP. Norms (q_a, kv_a: bf16 [1536], [512]; input / post-attention: [H]) replicated.
+    attn_replicated = fp8_block(1536, H) + fp8_block(576, H) + 2 * (1536 + 512 + 2 * H)
+    attn_split = fp8_block(128 * 192, 1536) + fp8_block(128 * 256, 512) + fp8_block(H, 128 * 128)
+    dense_layer = attn_replicated + (attn_split + 2 * fp8_block(dense, H) + fp8_block(H, dense)) / tp
+    # MoE layer: router gate bf16 [256, H] + F32 e_score_correction_bias [256] replicated; the shared expert
+    # TP-split (also under EP); 256 experts: 1 / tp of each (TP) or 256 / tp whole ones (EP): the same bytes here
+    per_expert = 2 * fp8_block(expert, H) + fp8_block(H, expert)
+    experts = DSV3_EXPERTS * per_expert * (-(-DSV3_EXPERTS // tp) / DSV3_EXPERTS if ep else 1 / tp)
+    moe_layer = (attn_replicated + 2 * DSV3_EXPERTS * H + 4 * DSV3_EXPERTS
+                 + (attn_split + 2 * fp8_block(shared, H) + fp8_block(H, shared)) / tp + experts)
+    vocab = DSV3_VOCAB * H * 2 / tp  # bf16 embed_tokens (first stage) and lm_head (last stage), vocab-parallel
+    out, first = [], 0
+    for s, count in enumerate(layers):
+        n_dense = max(0, min(first + count, DSV3_DENSE) - first)
+        total = n_dense * dense_layer + (count - n_dense) * moe_layer
+        total += (vocab if s == 0 else 0) + (vocab + 2 * H if s == len(layers) - 1 else 0)  # + final norm
+        out.append(round(total))
+        first += count
+    return out
+
+
+@pytest.fixture(scope="module")
+def dsv3(tmp_path_factory):
+    from tests.fp8_factory import Spec, build_fp8
+
+    path = tmp_path_factory.mktemp("deploy") / "DeepSeek-V3"
+    build_fp8(path, Spec(arch="deepseek_v3", hidden=DSV3_H, layers=DSV3_LAYERS, heads=128, kv_heads=128,
+                         intermediate=18432, moe_intermediate=2048, experts=DSV3_EXPERTS, n_shared=1,
+                         first_k_dense=DSV3_DENSE, vocab=DSV3_VOCAB, mla=(1536, 512, 64, 128, 128),
+                         extra_config={"num_experts_per_tok": 8, "max_position_embeddings": 163840}),
+              data=False, shards=8)
+    return read_checkpoint(resolve_source(str(path), headers_only=True))
+
+
+# Decoder layers per stage, as vLLM's get_pp_indices splits 61: 61 // pp each, the remainder one each to the
+# stages before the last (pp 2: 30 + 30, +1 to stage 0; pp 8: 7 each, +1 to stages 2..6; ...).
+DSV3_STAGES = {1: [61], 2: [31, 30], 4: [15, 15, 16, 15], 8: [7, 7, 8, 8, 8, 8, 8, 7],
+               16: [3, 3, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 3], 32: [1, 1] + [2] * 29 + [1]}
+# Matmul work per token (in x out; a routed expert weighted by the 8 of 256 a token visits), and what TP 32's
+# padding adds: dense gate / up / down x 2048 / 18432 in 3 layers, shared and routed experts doubled in 58.
+_H = DSV3_H
+_ATTN = 1536 * _H + 24576 * 1536 + 576 * _H + 32768 * 512 + _H * 16384  # q_a, q_b, kv_a, kv_b, o
+_DENSE, _SHARED, _ROUTED = 3 * 18432 * _H, 3 * 2048 * _H, 8 * 3 * 2048 * _H
+_TOTAL = 61 * _ATTN + 3 * _DENSE + 58 * (256 * _H + _SHARED + _ROUTED)  # + the router [256, H]
+DSV3_TP32_FLOPS = 100 * (3 * _DENSE * 2048 / 18432 + 58 * (_SHARED + _ROUTED)) / _TOTAL  # 64.77 %
+DSV3_CASES = {  # (GPUs, nodes) -> the ranking: exact, no added FLOPs and TP inside a node first, then fewer stages
+    (16, 2): ["TP 8 x PP 2", "TP 8 x PP 2 + EP", "TP 4 x PP 4", "TP 4 x PP 4 + EP", "TP 2 x PP 8", "TP 2 x PP 8 + EP",
+              "TP 1 x PP 16", "TP 16", "TP 16 + EP"],
+    (32, 4): ["TP 8 x PP 4", "TP 8 x PP 4 + EP", "TP 4 x PP 8", "TP 4 x PP 8 + EP", "TP 2 x PP 16", "TP 2 x PP 16 + EP",
+              "TP 1 x PP 32", "TP 16 x PP 2", "TP 16 x PP 2 + EP", "TP 32", "TP 32 + EP"],
+}
+
+
+@pytest.mark.parametrize("gpus,nodes", sorted(DSV3_CASES))
+def test_deepseek_v3_fp8_on_multi_node_80gb_gpus(dsv3, gpus, nodes):
+    plan = plan_deployment(dsv3, gpus, nodes=nodes, gpu_memory=parse_memory("80GB"))
+    assert [r.layout.label for r in plan.layouts] == DSV3_CASES[gpus, nodes]
+    per_node = gpus // nodes
+    for r in plan.layouts:
+        tp, pp, ep = r.layout.tp, r.layout.pp, r.layout.ep
+        assert r.spans_nodes is (tp > per_node), r.layout.label
+        if tp <= 16:  # 2048 / 16 = 128: one whole FP8 block of every expert per rank; 18432 / 16 = 9 blocks
+            assert r.needs == "nothing" and r.added_bytes_per_gpu == 0 and r.pad_command is None, r.layout.label
+            stages = dsv3_stage_bytes(tp, ep, DSV3_STAGES[pp])
+        else:  # TP 32: 64 rows per rank split a 128-row block: dense 18432 -> 20480 (5 blocks per rank) and the
+            # experts (routed and the shared one, tied by n_shared_experts x moe_intermediate_size) 2048 -> 4096
+            assert r.needs == "pad" and r.exact and r.pad_command.startswith("awqpad pad "), r.layout.label
+            stages = dsv3_stage_bytes(tp, ep, DSV3_STAGES[pp], 20480, 4096, 4096)
+            assert r.added_bytes_per_gpu == r.weight_bytes_per_gpu - max(dsv3_stage_bytes(tp, ep, DSV3_STAGES[pp]))
+            assert r.added_flops_percent == pytest.approx(DSV3_TP32_FLOPS, abs=1e-3)
+            if not ep:
+                assert r.reason == "intermediate_size 18432 -> 20480, shared 2048 -> 4096, moe_intermediate_size 2048 -> 4096"
+        fullest = max(range(pp), key=lambda s: stages[s])
+        assert r.weight_bytes_per_gpu == stages[fullest], r.layout.label
+        # MLA: the latent + RoPE key (576 bf16 values) of every layer of the stage, on every TP rank alike
+        assert r.kv_bytes_per_token == DSV3_STAGES[pp][fullest] * MLA_LATENT * 2, r.layout.label
+        rooms = [int(80 * GB * 0.9) - w - (2 << 30) for w in stages]
+        assert r.kv_tokens == min(room // (n * MLA_LATENT * 2) for room, n in zip(rooms, DSV3_STAGES[pp]))
+        assert r.fits is True and r.kv_tokens >= 163840, r.layout.label  # max_position_embeddings
+    top = plan.layouts[0]
+    assert top.layout == Layout(8, gpus // 8) and top.kernel_path == "fast"
+    assert top.launch.endswith(f"--tensor-parallel-size 8 --pipeline-parallel-size {gpus // 8}")
+    assert plan.why == (f"TP 8 x PP {gpus // 8} on vllm wins: it ties with TP 8 x PP {gpus // 8} + EP on every count "
+                        "and needs no expert parallelism.")
+    # the numbers behind the ranking: of the 673 GB of weights, the fullest of 16 GPUs holds 43.9 GB, of 32 23.3 GB
+    assert round(top.weight_bytes_per_gpu / GB, 1) == {16: 43.9, 32: 23.3}[gpus]

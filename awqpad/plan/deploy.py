@@ -305,8 +305,10 @@ def why_first(ranked: list[LayoutReport]) -> str:
         reason = f"its tensor parallelism stays inside a node, unlike {runner.layout.label}"
     elif rk[5] != tk[5]:
         reason = f"it needs fewer pipeline stages than {runner.layout.label} (lower latency)"
-    else:
+    elif rk[6] != tk[6]:
         reason = f"it adds fewer bytes per GPU than {runner.layout.label}"
+    else:  # only the last key differs (DeepSeek-V3 on 16 GPUs: TP 8 x PP 2 with and without EP)
+        reason = f"it ties with {runner.layout.label} on every count and needs no expert parallelism"
     return f"{what} wins: {reason}."
 
 

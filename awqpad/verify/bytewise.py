@@ -22,8 +22,8 @@ from awqpad.checkpoint.formats.base import TensorOp
 from awqpad.checkpoint.model import Checkpoint
 from awqpad.errors import InputError
 from awqpad.execute.tensor_io import RAW_DTYPES, itemsize, read_array
-from awqpad.verify.context import Check, VerifyContext, make_check
-from awqpad.verify.fills import decode_words, expected_fill, fill_label
+from awqpad.verify.context import Check, VerifyContext, make_check, not_applicable, not_compared
+from awqpad.verify.fills import decode_words, expected_fill, fill_label, uncovered
 from awqpad.verify.structure import PROVENANCE
 
 CHUNK = 4 << 20  # bytes per read in the streaming checks (two reused buffers)
@@ -41,16 +41,21 @@ def check_bytes(ctx: VerifyContext) -> list[Check]:
     padded_bytes = sum(out.tensors[n].nbytes for n in ops)
     fill_problems, orig_problems = [], []
     jobs = []  # (kind, payload)
+    replaced = 0  # metadata tensors compared with their recorded values
     for name, op in ops.items():
         info = out.tensors[name]
         if op.replace is not None:
             values = read_array(ctx.root, info).tolist()
+            replaced += 1
             if values != list(op.replace):
                 fill_problems.append(f"{name} = {values}, {PROVENANCE} records {list(op.replace)}")
                 ctx.fill_failed.add(name)
             continue
         if tuple(info.shape) != tuple(op.new_shape) or info.dtype != op.dtype:
             continue  # reported by provenance
+        if (gap := uncovered(op)) is not None:
+            fill_problems.append(gap)  # elements neither original nor a recorded fill: nothing checks them
+            ctx.fill_failed.add(name)
         s_info = src.tensors.get(name) if src is not None else None
         if s_info is not None and (tuple(s_info.shape) != tuple(op.old_shape) or s_info.dtype != op.dtype):
             s_info = None  # reported by tensors
@@ -103,25 +108,64 @@ def check_bytes(ctx: VerifyContext) -> list[Check]:
                         entry[1] += count
     figures = {"tensors": len(ops), "bytes": padded_bytes, "threads": THREADS}
     regrouped = sum(1 for op in ops.values() if op.regroup > 1)
-    filled = len(ops) - sum(1 for op in ops.values() if op.regroup > 1 and not op.inserts)
-    checks = [make_check("pad-fill", fill_problems,
-                         f"all inserted elements of {filled} padded tensors hold the recorded fill", figures, started)]
+    scanned = [p for k, p in jobs if k == "padded" and p[1].inserts]
+    filled = replaced + len(scanned)
+    figures["compared"] = filled
+    checks = [_fill_check(ctx, fill_problems, filled, figures, started)]
     if src is None:
         return checks
+    originals = [n for n, op in ops.items() if op.regroup == 1 and op.replace is None]
+    compared = sum(1 for k, p in jobs if k == "padded" and p[2] is not None)
     split = f" ({regrouped} regrouped tensors: see regroup)" if regrouped else ""
-    checks.append(make_check("bytes-original", orig_problems,
-                             f"the original region of all {len(ops) - regrouped} padded tensors is byte-identical to SRC{split}",
-                             {"tensors": len(ops)}))
+    if not originals:
+        checks.append(not_applicable("bytes-original", ("nothing was padded" if not regrouped else
+                                     f"no padded tensor keeps an original region of SRC's bytes{split}"),
+                                     {"tensors": len(ops), "compared": 0}))
+    else:
+        if not compared:
+            orig_problems.append(not_compared(
+                f"none of the {len(originals)} padded tensors is in SRC with the dtype and shape {PROVENANCE} records as "
+                f"its original (e.g. {originals[0]}), so no original region was read: is SRC really OUT's source?"))
+        checks.append(make_check("bytes-original", orig_problems,
+                                 f"the original region of all {compared} padded tensors is byte-identical to SRC{split}",
+                                 {"tensors": len(ops), "compared": compared}))
     nbytes = sum(src.tensors[n].nbytes for n in unchanged)
     diffs = [f"{name} differs from SRC at byte {first} of {length} ({count} byte(s) differ); pad should have "
              "copied it unchanged" for name, (first, count, length) in sorted(bad.items())]
+    untouched = [n for n in src.tensors if n not in ops]
     wall = time.monotonic() - started
+    if not untouched:
+        checks.append(not_applicable("bytes-unchanged", f"pad changed every one of SRC's {len(src.tensors)} tensors",
+                                     {"tensors": 0, "bytes": 0}))
+        return checks
+    if not unchanged:
+        diffs.append(not_compared(f"none of the {len(untouched)} SRC tensors pad did not touch is in OUT with SRC's dtype "
+                                  f"and shape (e.g. {untouched[0]}), so no byte was compared"))
     checks.append(make_check("bytes-unchanged", diffs,
                              f"{len(unchanged)} unchanged tensors ({nbytes / 1e6:.1f} MB) byte-identical to SRC",
                              {"tensors": len(unchanged), "bytes": nbytes, "seconds": round(wall, 3),
                               "mb_per_s": round((2 * nbytes + 2 * padded_bytes) / 1e6 / wall, 1) if wall > 0 else None}))
     return checks
 
+
+def _fill_check(ctx: VerifyContext, problems: list[str], filled: int, figures: dict, started: float) -> Check:
+    """pad-fill: passes only having compared some inserted elements; does not apply where nothing was inserted."""
+    ops = ctx.ops or ()
+    inserting = [op for op in ops if op.inserts or op.replace is not None or uncovered(op)]
+    if not inserting:
+        regrouped = sum(1 for op in ops if op.regroup > 1)
+        reason = (f"nothing was padded: the {regrouped} recorded ops only regroup (see regroup)" if regrouped else
+                  f"nothing was padded: the {len(ops)} recorded ops insert nothing" if ops else "nothing was padded")
+        return not_applicable("pad-fill", reason, figures)
+    if not filled:
+        grown = [op.tensor for op in inserting if uncovered(op)]
+        missing = sum(1 for op in inserting if op.tensor not in ctx.out.tensors)
+        why = (f"{len(grown)} of them grew but record no insert covering the growth (e.g. {grown[0]})" if grown else
+               f"none is in OUT with its recorded dtype and shape ({missing} missing)")
+        problems = [not_compared(f"{PROVENANCE} records {len(inserting)} padded tensors but no inserted element was "
+                                 f"read: {why}")] + problems
+    return make_check("pad-fill", problems, f"all inserted elements of {filled} padded tensors hold the recorded fill",
+                      figures, started)
 
 
 class _FdCache:

@@ -61,6 +61,18 @@ def make_check(name: str, problems: list[str], ok_detail: str, figures: dict | N
     return Check(name, True, ok_detail, figures)
 
 
+def not_compared(reason: str) -> str:
+    """The problem of a check that had something to compare but compared nothing: it must not pass."""
+    return f"not compared: {reason}"
+
+
+def not_applicable(name: str, reason: str, figures: dict | None = None) -> Check:
+    """A check with nothing to compare because OUT legitimately has none of it (nothing padded, only
+    regrouped; --layers none): not a pass over 0 items but a statement that it does not apply, marked
+    informational like `before` (the CLI shows it as i, JSON keeps name / ok / detail / figures)."""
+    return Check(name, True, f"does not apply: {reason}", {**(figures or {}), "informational": True, "applies": False})
+
+
 @dataclass(frozen=True)
 class Provenance:
     """What awqpad.json and SRC say was padded, worked out once before the checks run."""

@@ -14,7 +14,8 @@ from awqpad.checkpoint.formats.base import Fill, TensorOp, bf16_to_f32, fill_byt
 from awqpad.checkpoint.model import Linear
 from awqpad.execute.tensor_io import ARRAY_DTYPES, RAW_DTYPES, itemsize
 from awqpad.verify import shard_slice
-from awqpad.verify.context import Check, VerifyContext, make_check, map_array
+from awqpad.verify.context import Check, VerifyContext, make_check, map_array, not_applicable, not_compared
+from awqpad.verify.structure import PROVENANCE
 
 
 def decode_words(raw: np.ndarray, dtype: str):
@@ -47,6 +48,19 @@ def fill_label(fill: Fill, dtype: str) -> str:
     return ""
 
 
+def uncovered(op: TensorOp) -> str | None:
+    """Why some elements of a padded tensor are neither its original region nor a recorded insert, or None.
+    (Regrouped ops record inserts in regrouped units: the regroup check covers them.)"""
+    if op.regroup > 1 or len(op.new_shape) != len(op.old_shape) or not 0 <= op.axis < len(op.new_shape):
+        return None
+    grown = [op.new_shape[i] - op.old_shape[i] for i in range(len(op.new_shape))]
+    inserted = sum(i.count for i in op.inserts)
+    if grown[op.axis] == inserted and not any(g for i, g in enumerate(grown) if i != op.axis):
+        return None
+    return (f"{op.tensor}: {PROVENANCE} records it grown from {list(op.old_shape)} to {list(op.new_shape)} but inserts "
+            f"{inserted} element(s) along axis {op.axis}, so the rest is neither SRC's bytes nor a recorded fill")
+
+
 def check_zeros(ctx: VerifyContext) -> list[Check]:
     """Every padded row / column of every padded linear dequantizes to exactly 0.0 under every reader.
 
@@ -58,6 +72,15 @@ def check_zeros(ctx: VerifyContext) -> list[Check]:
     """
     started = time.monotonic()
     out = ctx.out
+    claimed = [op.tensor for op in ctx.ops if op.inserts or uncovered(op)]
+    in_linears = {info.name for lin in out.linears for info in lin.parts.values()}
+    if not claimed or all(n in out.tensors and n not in in_linears for n in claimed):
+        regrouped = sum(1 for op in ctx.ops if op.regroup > 1)
+        reason = (f"no linear was padded; {len(claimed)} padded tensors are not linear weights (e.g. {claimed[0]}), "
+                  "pad-fill checks them" if claimed else
+                  f"nothing was padded: the {regrouped} recorded ops only regroup (see regroup)" if regrouped else
+                  "nothing was padded")
+        return [not_applicable("zeros", reason, {"linears": 0, "dequantized": 0, "weights": 0, "readers": []})]
     # regroup-only ops insert nothing: no padded region to check (verify/regrouped.py checks them)
     ops = {op.tensor: op for op in ctx.ops if op.inserts or op.replace is not None or op.regroup == 1}
     padded = [lin for lin in out.linears if any(info.name in ops for info in lin.parts.values())]
@@ -104,6 +127,13 @@ def check_zeros(ctx: VerifyContext) -> list[Check]:
                 done.setdefault(key, (lin.prefix, found))
             dequantized += 1
             problems += found
+    if not elements and not problems:  # a check that compared nothing must not pass
+        first = next((n for n in claimed if n in in_linears), claimed[0])
+        problems.append(not_compared(
+            f"{PROVENANCE} records {len(claimed)} padded tensors but no padded row or column of a linear was "
+            f"dequantized: " + (f"{len(padded)} padded linears record no inserted rows / columns in their "
+                                f"{', '.join(sorted({main_tensor(lin) for lin in padded}))} (e.g. {first})" if padded
+                                else f"none of them is a tensor of a linear of OUT (e.g. {first})")))
     return [make_check("zeros", problems,
                        f"{elements} padded weights of {len(padded)} linears ({dequantized} dequantized, the rest "
                        f"identical paddings) are exactly 0.0 under reader(s) {', '.join(sorted(readers_seen)) or '-'}",

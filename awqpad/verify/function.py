@@ -19,7 +19,7 @@ from awqpad.checkpoint.model import Checkpoint, MLPBlock
 from awqpad.engines.evaluate import evaluate
 from awqpad.errors import InputError
 from awqpad.verify import simulate_mlp as simulate
-from awqpad.verify.context import Check, VerifyContext, make_check, map_array
+from awqpad.verify.context import Check, VerifyContext, make_check, map_array, not_applicable, not_compared
 
 REL_TOL = 1e-9
 BATCH = 4  # random input vectors per simulated block
@@ -130,16 +130,21 @@ def check_function(ctx: VerifyContext) -> list[Check]:
             r["problems"].append(f"not compared: all {outputs} outputs of the {len(blocks)} simulated MLP blocks are "
                                  "NaN/inf in SRC itself (its weights or scales hold NaN/inf), so no finite value "
                                  "could show that OUT computes what SRC computes")
-        if not blocks:
-            detail = "no MLP blocks selected (--layers none)" if ctx.layers == "none" else "no MLP blocks to simulate"
         if notes:
             detail += f"; note: {notes[0]}" + (f" (+{len(notes) - 1} more)" if len(notes) > 1 else "")
-        checks.append(make_check(f"function TP={t}", r["problems"], detail,
-                                 {"tp": t, "blocks": len(blocks), "layers": sorted({b.layer for b in blocks}),
-                                  "readers": sorted(readers_seen), "max_rel_error": r["max_rel_error"],
-                                  "worst": r["worst"], "threshold": REL_TOL, "activation": act,
-                                  "nonfinite_outputs": nonfinite, "notes": notes, "sampled_blocks": len(sampled),
-                                  "seconds": seconds}))
+        figures = {"tp": t, "blocks": len(blocks), "layers": sorted({b.layer for b in blocks}),
+                   "readers": sorted(readers_seen), "max_rel_error": r["max_rel_error"],
+                   "worst": r["worst"], "threshold": REL_TOL, "activation": act,
+                   "nonfinite_outputs": nonfinite, "notes": notes, "sampled_blocks": len(sampled),
+                   "seconds": seconds}
+        if not blocks and ctx.layers == "none":
+            checks.append(not_applicable(f"function TP={t}", "no MLP block simulated (--layers none: static checks only)",
+                                         figures))
+        else:
+            if not blocks:
+                r["problems"].append(not_compared(f"OUT has no MLP blocks that awqpad recognizes ({len(ctx.out.linears)} "
+                                                  "linears), so no block was simulated"))
+            checks.append(make_check(f"function TP={t}", r["problems"], detail, figures))
         checks.append(_before_check(ctx, t, before[t]))
     return checks
 
@@ -209,7 +214,10 @@ def check_attention(ctx: VerifyContext) -> list[Check]:
                                                   "W_pack", "wqkv", "c_attn") for op in (ctx.ops or ()))
     if not (padded or recorded):
         return []
-    checks = [make_check(f"attn-shards TP={t}", [p.message for p in attention_sim.shard_problems(out, t)],
+    # no attention linears: the head counts alone would pass, having formed no rank's shard
+    unformed = [] if attention_sim.attention_layers(out) else [not_compared(
+        "OUT has no attention linears that awqpad recognizes, so no rank's q / k / v / o shard was formed")]
+    checks = [make_check(f"attn-shards TP={t}", unformed + [p.message for p in attention_sim.shard_problems(out, t)],
                          f"all {t} ranks get whole heads ({out.dims.heads} query / {out.dims.kv_heads} KV) and whole groups")
               for t in ctx.tps]
     if src is None:
@@ -224,7 +232,16 @@ def check_attention(ctx: VerifyContext) -> list[Check]:
         chosen = tuple(layer for layer in ctx.layers if layer in all_layers)
     else:
         chosen = tuple(sorted({all_layers[0], all_layers[len(all_layers) // 2], all_layers[-1]})) if all_layers else ()
-    if not chosen:
+    if not chosen:  # a check that compared nothing must not pass, nor vanish from the report
+        if ctx.layers == "none":
+            checks.append(not_applicable("attention", "no attention layer simulated (--layers none: static checks only)",
+                                         {"layers": []}))
+        else:
+            why = (f"--layers {','.join(map(str, ctx.layers))} selects no layer with attention (layers "
+                   f"{', '.join(map(str, all_layers)) or 'none'} have it)" if isinstance(ctx.layers, tuple) and all_layers
+                   else "SRC has no attention linears that awqpad recognizes")
+            checks.append(make_check("attention", [not_compared(f"{why}, so the padded heads were not simulated")], "",
+                                     {"layers": []}))
         return checks
     result = attention_sim.compare_attention(src, out, ctx.tps, layers=chosen, seed=ctx.seed)
     problems = [f"layer {r.layer} reader {r.reader} TP={r.tp or 1}: "

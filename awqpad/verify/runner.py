@@ -35,6 +35,10 @@ exits. Checks (in report order; "SRC" = only when the source is given):
   checksums         every file awqpad.json records a sha256 for (pad hashed each as it wrote it) still
                     has it: catches any change after writing, in bytes no other check samples
 
+Nothing compared is never a pass: a check that had something to compare but read none of it fails with
+"not compared: <why>"; one that OUT legitimately gives nothing to (no padding, only regrouping, --layers
+none) passes as informational with "does not apply: <why>" (context.not_compared / not_applicable).
+
 Memory: the byte checks read through two 4 MB buffers per thread; `zeros` and `function` memory-map
 one linear / one MLP block (SRC and OUT) at a time and dequantize bounded float64 slices.
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from awqpad.engines.evaluate import evaluate
 from awqpad.serialize import to_data
 from awqpad.verify import simulate_mlp as simulate
-from awqpad.verify.context import Check, VerifyContext, make_check
+from awqpad.verify.context import Check, VerifyContext, make_check, not_compared
 
 
 def check_rules(ctx: VerifyContext, t: int) -> list[Check]:
@@ -34,6 +34,9 @@ def check_shards(ctx: VerifyContext, t: int) -> list[Check]:
     for block in ctx.out.mlps:
         problems += [f"{block.label}: {p.message}" for p in simulate.shard_problems(block, ctx.split(block, t))]
     linears = sum(len(b.linears) for b in ctx.out.mlps)
+    if not linears:  # a check that compared nothing must not pass
+        problems.append(not_compared(f"OUT has no MLP blocks that awqpad recognizes ({len(ctx.out.linears)} linears), "
+                                     f"so no rank's shard was formed"))
     return [make_check(f"shards TP={t}", problems,
                        f"all {t} ranks get whole words and whole groups of all {linears} MLP linears",
                        {"tp": t, "blocks": len(ctx.out.mlps), "linears": linears})]
