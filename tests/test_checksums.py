@@ -57,12 +57,14 @@ def test_a_listed_file_that_is_gone_or_outside_out_fails(tmp_path):
     assert any("../elsewhere.json" in p for p in problems), problems
 
 
-def test_no_recorded_hashes_means_no_check_not_a_pass(tmp_path):
-    """An awqpad.json without sha256 (an older awqpad) gives nothing to compare: the check is absent."""
+def test_no_recorded_hashes_means_does_not_apply_not_a_pass(tmp_path):
+    """An awqpad.json without sha256 (an older awqpad) gives nothing to compare: the check says so."""
     _, out = _padded(tmp_path)
     set_json(out / "awqpad.json", lambda d: [e.pop("sha256", None) for e in d["files"].values()])
     code, report, _ = verify_json(out)
-    assert "checksums" not in checks(report)
+    check = checks(report)["checksums"]
+    assert check["detail"].startswith("does not apply: awqpad.json records no sha256"), check
+    assert check["figures"]["applies"] is False and check["figures"]["files"] == 0
     assert code == 0, failed(report)
 
 

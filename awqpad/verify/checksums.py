@@ -3,8 +3,8 @@
 `pad` hashes each file as its bytes go out (execute/shard_writer, output_repo), so this is the one check
 that catches any change after writing: a flipped bit in a tensor no other check samples, an edited
 tokenizer, a truncated side file. A hard-linked OUT ("nothing to do") records hashes only for the files
-it copied; when awqpad.json records none at all (an older awqpad), the check is left out rather than
-passed: it would have compared nothing.
+it copied; when awqpad.json records none at all (hard links only, an older awqpad, no awqpad.json) the
+check says it does not apply rather than passing over nothing.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import time
 
-from awqpad.verify.context import Check, VerifyContext, make_check
+from awqpad.verify.context import Check, VerifyContext, make_check, not_applicable
 from awqpad.verify.structure import PROVENANCE
 
 CHUNK = 8 << 20
@@ -39,7 +39,9 @@ def check_checksums(ctx: VerifyContext) -> list[Check]:
     started = time.monotonic()
     digests = recorded_digests(ctx.provenance.record)
     if not digests:
-        return []
+        why = (f"no {PROVENANCE}" if ctx.provenance.record is None else
+               f"{PROVENANCE} records no sha256 (files hard-linked to SRC were never written, so never hashed)")
+        return [not_applicable("checksums", why, {"files": 0})]
     from awqpad.errors import InputError
     from awqpad.source.paths import source_file
 
