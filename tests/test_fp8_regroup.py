@@ -198,3 +198,40 @@ def test_a_corrupted_refined_scale_fails_verify(tmp_path):
     problems = " ".join(checks["regroup"]["figures"]["problems"])
     assert name in problems and "FP8 block scales" in problems
     assert "dequantizes OUT differently from SRC (1024 weights)" in problems  # one 32 x 32 block, under both readers
+
+
+# --- third-party judge: transformers FineGrainedFP8 reads weight_block_size from config.json -------------------
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("tp,block", [(2, 64), (4, 32)])
+def test_transformers_finegrained_fp8_logits_unchanged(tmp_path, tp, block):
+    from tests.test_fp8_oracles import _logits, _need
+
+    try:
+        import torch  # noqa: F401
+        from transformers import FineGrainedFP8Config  # noqa: F401
+    except Exception as exc:
+        _need("transformers FineGrainedFP8", exc)
+    # a dense model (test_fp8_oracles: transformers 5.23 misreads partial-block fused experts); head_dim 64: k_proj per
+    # rank is 64 at TP 2 and q_proj 64 at TP 4, MLP 192 / 96, so TP 2 takes 64 x 64 blocks and TP 4 32 x 32
+    built = build_fp8(tmp_path / "src", Spec(arch="qwen3", head_dim=64, intermediate=384))
+    pad(built.path, tmp_path / "out", tp, "vllm-latest", "regroup")
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert cfg["weight_block_size"] == [block, block]
+    ref, got = _logits(built.path), _logits(tmp_path / "out")
+    assert np.abs(ref).max() > 0 and np.array_equal(ref, got)  # same dequantized weights: the same logits, bit for bit
+
+    # negative control: one refined scale of layer 0's q_proj doubled must change the logits
+    bad = tmp_path / "bad"
+    shutil.copytree(tmp_path / "out", bad)
+    name = "model.layers.0.self_attn.q_proj.weight_scale_inv"
+    shape = read_tensors(bad)[name][1].shape
+
+    def double_first(raw: bytes) -> bytes:
+        s = np.frombuffer(raw, "<f4").copy().reshape(shape)
+        s[0, 0] *= 2
+        return s.tobytes()
+
+    _rewrite(bad, name, double_first)
+    assert not np.array_equal(_logits(bad), ref)
