@@ -133,6 +133,27 @@ def test_auto_prefers_padding_on_the_fast_kernel_and_says_why(tmp_path):
     assert refine.added_flops_percent == 0.0 and 0 < refine.added_percent < plan.candidates[0].added_percent
 
 
+def test_refine_then_pad_a_partial_block_width(tmp_path):
+    # MLP 336 = 2.625 blocks of 128; k_proj 64 per rank at TP 2 rules out padding alone, 168 per rank splits into
+    # neither 64 nor 32: auto refines to 64 x 64 and pads 336 -> 384 (6 refined blocks; the partial one completed)
+    built = build_fp8(tmp_path / "src", Spec(arch="qwen3", head_dim=64, intermediate=336))
+    plan = pad(built.path, tmp_path / "out", 2, "vllm-latest", "auto")["plan"]
+    assert plan["regroup"]["new_block"] == [64, 64] and plan["dims"]["intermediate_size"]["padded"] == 384
+    src, dst = read_tensors(built.path), read_tensors(tmp_path / "out")
+    checked = 0
+    for prefix, want in built.weights.items():
+        a, b = dequant(src, prefix, built.spec), dequant(dst, prefix, built.spec, block=(64, 64))
+        n, k = a.shape
+        assert np.array_equal(b[:n, :k].view(np.uint64), a.view(np.uint64)), prefix
+        assert np.count_nonzero(b[n:]) == 0 and np.count_nonzero(b[:, k:]) == 0 and b.size >= a.size, prefix
+        old = src[f"{prefix}.weight_scale_inv"][1].view(np.uint32)
+        new = dst[f"{prefix}.weight_scale_inv"][1].view(np.uint32)
+        checked += parent_scales_hold(old, new, 2, *b.shape, (128, 128))  # the padded tail keeps its parent's scale
+    assert checked > 0
+    done = awqpad("verify", built.path, tmp_path / "out")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 @pytest.mark.parametrize("engine", ["trtllm", "sglang", "vllm"])
 def test_engines_that_need_128_blocks_refuse_refining_and_pad(tmp_path, engine):
     built = build_fp8(tmp_path / "src", Spec(arch="qwen3", intermediate=384))
