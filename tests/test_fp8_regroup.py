@@ -10,6 +10,7 @@ FineGrainedFP8 oracle (marker `oracle`) loads SRC and OUT and must produce ident
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -185,7 +186,8 @@ def test_other_fp8_layouts_are_refused_with_a_reason(tmp_path, flavour, why):
 
 
 def _rewrite(path, tensor: str, change) -> None:
-    """Apply `change(raw bytes of tensor) -> bytes` in place in whichever shard holds it."""
+    """Apply `change(raw bytes of tensor) -> bytes` in place in whichever shard holds it, and record the shard's new
+    sha256 in awqpad.json (as a careless re-upload would): the content checks must catch it, not the checksums."""
     for shard in sorted(path.glob("*.safetensors")):
         data = bytearray(shard.read_bytes())
         (n,) = struct.unpack("<Q", data[:8])
@@ -194,6 +196,11 @@ def _rewrite(path, tensor: str, change) -> None:
             a, b = (8 + n + x for x in entry["data_offsets"])
             data[a:b] = change(bytes(data[a:b]))
             shard.write_bytes(bytes(data))
+            record = path / "awqpad.json"
+            if record.exists():
+                meta = json.loads(record.read_text())
+                meta.get("files", {}).get(shard.name, {})["sha256"] = hashlib.sha256(bytes(data)).hexdigest()
+                record.write_text(json.dumps(meta, indent=2))
             return
     raise AssertionError(tensor)
 
