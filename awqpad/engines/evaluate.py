@@ -134,6 +134,10 @@ def evaluate(ckpt: Checkpoint, engine: str, t: int, widths: dict[str, int] | Non
             found = fp8_rules.linear_violations(ckpt, rule, t, 1) if runs_at(rule, t) else None
             if found is not None:
                 result = fail(rule, found[0], found[1], False, found[2])
+        elif q == "block":  # FP8 weight_block_size (fp8_rules.py)
+            found = fp8_rules.block_violation(ckpt, rule)
+            if found is not None:
+                result = fail(rule, found[0], found[1], False, found[2])
         elif q == "heads":
             if dims.heads and dims.heads % t:
                 result = fail(rule, dims.heads, t, False, f"{dims.heads} attention heads do not split over {t} GPUs")

@@ -6,6 +6,8 @@ merged gate_up (W / t: vLLM and SGLang check gate and up separately, not their 2
 linear (q/k/v/o, MLA, Gated DeltaNet), which awqpad never pads: a failure there blocks the TP.
 Multiples "block_n" / "block_k" are the checkpoint's weight_block_size (read from config.json).
 `min_tp`: the rule only runs when tp_size >= min_tp (vLLM's row-parallel checks start at TP 2).
+Quantity `block` is the checkpoint's weight_block_size itself (both dims must equal the multiple): which
+blocks an engine's kernels take, what decides whether `--strategy regroup` may refine 128 x 128 blocks.
 
 Per-channel and per-tensor FP8 have no K-groups, so tensor parallelism never splits a scale group:
 only the plain splits (W % t, heads) constrain them, plus kernel tiles that engines now pad
@@ -38,6 +40,24 @@ TRT_N = ("weight_scale shard shape mismatch: {value} outputs per rank are not wh
 TRT_K = ("weight_scale shard shape mismatch: {value} inputs per rank are not whole 128-blocks (FP8BlockScalesLinearMethod "
          "allocates ceil(K_r / 128) scale columns)")
 
+# Blocks other than 128 x 128 (what refining writes):
+BLOCK_TRITON = ("weight_block_size {value} is not 128 x 128: the DeepGEMM / CUTLASS / FlashInfer block-FP8 kernels "
+                "implement only [1, 128] activation groups, so vLLM runs these layers on its Triton block-FP8 kernels")
+BLOCK_VLLM = ("weight_block_size {value} is not 128 x 128: vLLM releases key every block-FP8 MoE layer as 128 x 128 "
+              "(Fp8MoEMethod weight_key = kFp8Static128BlockSym) and pick DeepGEMM for dense layers by weight shape "
+              "alone (should_use_deepgemm_for_fp8_linear), so kernels built for 128 x 128 scales would read these")
+BLOCK_SGLANG = ("weight_block_size {value} is not 128 x 128: SGLang picks DeepGEMM / CUTLASS block-FP8 GEMMs by weight "
+                "shape alone (weight.shape % 64 / 128), and those read 128 x 128 scales")
+BLOCK_TRT = ("weight_block_size {value} is not 128 x 128: FP8BlockScalesLinearMethod allocates ceil(N / 128) x "
+             "ceil(K / 128) scales whatever the config says, so a finer scale grid does not load")
+BLOCK_UNREAD = "weight_block_size {value} is not 128 x 128: this engine's block-FP8 kernels were not read for other blocks"
+VLLM_BLOCK_SRC = ("vllm/model_executor/kernels/linear/scaled_mm/deep_gemm.py, cutlass.py can_implement (act group (1, 128) "
+                  "only), triton.py TritonFp8BlockScaledMMKernel; fused_moe/oracle/fp8.py (refined block in the weight key: "
+                  "Triton only)")
+VLLM_BLOCK_OLD_SRC = ("vllm/model_executor/layers/quantization/fp8.py Fp8MoEMethod.__init__; "
+                      "vllm/utils/deep_gemm.py should_use_deepgemm_for_fp8_linear")
+SGLANG_BLOCK_SRC = ("sglang python/sglang/srt/layers/quantization/fp8_utils.py deepgemm_w8a8_block_fp8_linear_with_fallback, "
+                    "cutlass_w8a8_block_fp8_linear_with_fallback")
 VLLM_FP8_SRC = "vllm/model_executor/layers/quantization/utils/fp8_utils.py validate_fp8_block_shape"
 VLLM_MOE_SRC = "vllm/model_executor/layers/quantization/fp8.py Fp8MoEMethod.create_weights"
 SGLANG_SRC = "sglang python/sglang/srt/layers/quantization/fp8.py Fp8LinearMethod.validate_block_quant_shapes"
@@ -69,7 +89,9 @@ MOE_STRICT = (
     FP8Rule("expert-fp8-block-k", "expert.K_r", "block_k", MOE_K, VLLM_MOE_SRC, True, min_tp=2),
 )
 
-VLLM_FP8 = VLLM_COMMON + _dense(VLLM_FP8_SRC) + MOE_STRICT + _attention(VLLM_FP8_SRC)
+VLLM_FP8 = VLLM_COMMON + _dense(VLLM_FP8_SRC) + MOE_STRICT + _attention(VLLM_FP8_SRC) + (
+    FP8Rule("fp8-block-128", "block", "128", BLOCK_VLLM, VLLM_BLOCK_OLD_SRC, True),
+)
 
 # vLLM >= 2026-09: Fp8MoEMethod resolves a refined block shape when a finer block (>= 32) divides the
 # checkpoint block and every involved dim (docs.vllm.ai fp8 API, `resolve_fp8_moe_weight_block_shape`;
@@ -82,11 +104,14 @@ VLLM_LATEST_FP8 = VLLM_COMMON + _dense(VLLM_FP8_SRC) + _attention(VLLM_FP8_SRC) 
     FP8Rule("expert-fp8-refine-k", "expert.K_r", "32", REFINE_FAIL, VLLM_MOE_SRC + " resolve_fp8_moe_weight_block_shape", True, min_tp=2),
     FP8Rule("expert-fp8-triton-only", "expert.P_r", "block_n", REFINE, VLLM_MOE_SRC + " (refined scales: Triton MoE only)",
             True, severity="fallback"),
+    FP8Rule("fp8-block-triton", "block", "128", BLOCK_TRITON, VLLM_BLOCK_SRC, True, severity="fallback",
+            path="deepgemm-cutlass", fallback_to="Triton block-FP8"),
 )
 
 SGLANG_FP8 = VLLM_COMMON + _dense(SGLANG_SRC) + (
     FP8Rule("expert-fp8-block-n", "expert.P_r", "block_n", MOE_N, SGLANG_MOE_SRC, True),
     FP8Rule("expert-fp8-block-k", "expert.K_r", "block_k", MOE_K, SGLANG_MOE_SRC, True, min_tp=2),
+    FP8Rule("fp8-block-128", "block", "128", BLOCK_SGLANG, SGLANG_BLOCK_SRC, True),
 ) + _attention(SGLANG_SRC)
 
 # TensorRT-LLM (PyTorch backend): dense FP8 block linears shard the scale tensor like the weight and size
@@ -97,15 +122,19 @@ TRTLLM_FP8 = tuple(r for r in ENGINES["trtllm"] if r.id in ("heads", "kv_heads",
     FP8Rule(f"{kind}-fp8-{part}", f"{kind}.{q}", "128", msg, TRT_SRC, True, min_tp=min_tp)
     for kind in ("dense", "shared")
     for part, q, msg, min_tp in (("down-128", "K_r", TRT_K, 2), ("gate-up-128", "P_r", TRT_N, 1))
-)
+) + (FP8Rule("fp8-block-128", "block", "128", BLOCK_TRT, TRT_SRC, True),)
 
 # LMDeploy: TurboMind's FFN builder pads inter_size to lcm(block_in, block_out) x TP itself
 # (lmdeploy/turbomind/deploy FfnBuilder design note, read via fp8-fp4-engines.md 1.3; not confirmed end to
 # end here), so only its attention rules apply.
-LMDEPLOY_FP8 = tuple(r for r in ENGINES["lmdeploy"] if r.id in ("heads", "kv_heads"))
+# Blocks other than 128 x 128 are refused where the kernels were not read (lmdeploy lite blocked_fp8 documents
+# --block-size 128; TGI: not read): refining is never allowed on a guess.
+UNREAD_BLOCK = FP8Rule("fp8-block-128", "block", "128", BLOCK_UNREAD, "not read: refused rather than guessed", True)
+LMDEPLOY_FP8 = tuple(r for r in ENGINES["lmdeploy"] if r.id in ("heads", "kv_heads")) + (UNREAD_BLOCK,)
 
 FP8_ENGINES = MappingProxyType({"vllm": VLLM_FP8, "vllm-latest": VLLM_LATEST_FP8, "sglang": SGLANG_FP8,
-                                "tgi": tuple(r for r in ENGINES["tgi"] if r.quantized is None), "lmdeploy": LMDEPLOY_FP8,
+                                "tgi": tuple(r for r in ENGINES["tgi"] if r.quantized is None) + (UNREAD_BLOCK,),
+                                "lmdeploy": LMDEPLOY_FP8,
                                 "trtllm": TRTLLM_FP8})
 FP8_NOTES = MappingProxyType({
     "lmdeploy": "LMDeploy TurboMind pads FP8 FFN widths to whole blocks per rank itself (design note; not verified here)",
@@ -195,4 +224,14 @@ def linear_violations(ckpt, rule: Rule, t: int, multiple: int):
                 value = int(size) if size == int(size) else round(size, 3)
                 return value, m, (f"{lin.prefix}: per-rank {what} {value} is not a multiple of the FP8 block {m} "
                                   "(attention-side linears are never padded)")
+    return None
+
+
+def block_violation(ckpt, rule: Rule):
+    """(value, multiple, explanation) if the checkpoint's FP8 blocks are not rule.multiple x rule.multiple."""
+    m = int(rule.multiple)
+    for lin in ckpt.linears:
+        if lin.format == "fp8" and lin.block_n not in (None, 1) and (lin.block_n, lin.group_size) != (m, m):
+            shown = f"[{lin.block_n}, {lin.group_size}]"
+            return shown, m, f"FP8 blocks {shown} are not {m} x {m}"
     return None

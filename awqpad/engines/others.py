@@ -49,7 +49,11 @@ TRTLLM = (
     Rule("dense-gate-up-64", "dense.N_r", "64", "Number of bytes for rows and cols must be a multiple of 32. However, num_col_bytes = {value}/2", "cpp cutlass_preprocessors.cpp", True, formats=INT_FORMATS, path="cutlass-w4a16"),
     Rule("shared-down-groups", "shared.K_r", "group", TRT_GROUPS, "tensorrt_llm/_torch/modules/linear.py", True, formats=INT_FORMATS, path="cutlass-w4a16"),
     Rule("expert-groups", "expert.K_r", "lcm(group,64)", TRT_GROUPS, "tensorrt_llm/_torch/modules/fused_moe", True, formats=INT_FORMATS, path="cutlass-moe-w4a16"),
-    # not re-read this session: the CUTLASS fpA_intB groupwise GEMM is instantiated for groups of 64 and 128
-    Rule("cutlass-group", "group", "one-of(64,128)", "W4A16 group size {value} is not supported (the CUTLASS fpA_intB kernels take {m})",
-         "cpp/tensorrt_llm/kernels/cutlass_kernels/fpA_intB_gemm (group sizes 64, 128)", True, formats=INT_FORMATS, path="cutlass-w4a16"),
+    # Read in NVIDIA/TensorRT-LLM: the pre-Hopper launcher throws for any other group (generic_mixed_gemm_kernelLauncher);
+    # the Hopper one asks group % CTA_K == 0 (fpA_intB_launcher_sm90.inl: "The group size must a multiple of {cta_shape_k}";
+    # its tiles are 128 bytes of K, 64 FP16/BF16 activations), which takes 64 and 128 (and 256) and refuses 32, so
+    # {64, 128} holds on every architecture for AWQ's group sizes.
+    Rule("cutlass-group", "group", "one-of(64,128)", "Only group size 64 and 128 supported for fine grained kernels.",
+         "cpp/tensorrt_llm/kernels/cutlass_kernels/fpA_intB_gemm/fpA_intB_gemm_template.h generic_mixed_gemm_kernelLauncher; "
+         "launchers/fpA_intB_launcher_sm90.inl (group % CTA_K)", True, formats=INT_FORMATS, path="cutlass-w4a16"),
 )

@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 
 from awqpad.errors import InputError, OutputError
-from awqpad.checkpoint.formats.base import regroup_ids, Fill, TensorOp, fill_bytes
+from awqpad.checkpoint.formats.base import Fill, TensorOp, fill_bytes, refine_blocks, regroup_ids, regrouped_shape
 from awqpad.checkpoint.header import ShardHeader, TensorInfo, encode_header, tensor_nbytes
 from awqpad.source.paths import create_output
 from awqpad.execute.tensor_io import ARRAY_DTYPES, RAW_DTYPES, itemsize, pread_exact
@@ -259,6 +259,8 @@ def _write_regrouped(writer: ShardWriter, fd: int, info: TensorInfo, op: TensorO
     if op.regroup_kind == "ids":
         typed = np.frombuffer(data, dtype=np.dtype(ARRAY_DTYPES[info.dtype]).newbyteorder("<"))
         arr = regroup_ids(typed, op.regroup).astype(typed.dtype).view(raw).reshape(info.shape)
+    elif op.regroup_kind == "refine":  # FP8 block scales: raw words repeated, so every scale is copied bit for bit
+        arr = refine_blocks(np.frombuffer(data, dtype=raw).reshape(info.shape), op.regroup, regrouped_shape(op))
     else:
         arr = np.repeat(np.frombuffer(data, dtype=raw).reshape(info.shape), op.regroup, axis=op.regroup_axis)
     moved = np.moveaxis(arr, op.axis, 0)

@@ -9,6 +9,11 @@ Every quantized linear is regrouped by the same factor (AWQ has one group_size f
 factor keeps GPTQModel `dynamic` overrides and compressed-tensors config_groups consistent). Pure: this
 module turns a checkpoint into (a) the checkpoint as it will look regrouped, for the engine rules and the
 pad planner, and (b) the TensorOps and config.json changes that write it.
+
+Block-FP8 (quant_method "fp8", weight_block_size [bn, bk]) is refined the same way: blocks [bn/r, bk/r]
+whose scales repeat the parent block's (formats/fp8.py refine_ops; the last refined blocks past a partial
+parent block are dropped). Whether an engine's kernels take the finer block is its rule rows (quantity
+"block", engines/fp8_rules.py).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from awqpad.checkpoint import formats
-from awqpad.checkpoint.formats import fp8_config
+from awqpad.checkpoint.formats import fp8, fp8_config
 from awqpad.checkpoint.formats.base import TensorOp, regroup_ops
 from awqpad.checkpoint.header import tensor_nbytes
 from awqpad.checkpoint.model import Checkpoint, Linear
@@ -35,6 +40,29 @@ class RegroupChange:
     modules: int  # linears regrouped
     added_bytes: int
     config_key: str  # where config.json holds the quantization config
+    block: tuple[int, int] | None = None  # block-FP8: weight_block_size before and after
+    new_block: tuple[int, int] | None = None
+
+
+def is_fp8_blocks(ckpt: Checkpoint) -> bool:
+    """Regrouping this checkpoint means refining FP8 blocks (its decoder linears are FP8)."""
+    return ckpt.format == fp8.NAME
+
+
+def block_size(ckpt: Checkpoint) -> tuple[int, int] | None:
+    lin = next((lin for lin in ckpt.linears if lin.format == fp8.NAME and fp8.kind(lin) == "block"), None)
+    return None if lin is None else (lin.block_n, lin.group_size)
+
+
+def _fp8_refusal(ckpt: Checkpoint, r: int) -> str | None:
+    why = fp8_config.block_refusal(ckpt.quant, r, fp8.MIN_BLOCK)
+    if why:
+        return why
+    block = block_size(ckpt)
+    for lin in ckpt.linears:
+        if lin.quantized and lin.format == fp8.NAME and (fp8.kind(lin) != "block" or (lin.block_n, lin.group_size) != block):
+            return f"{lin.prefix}: FP8 scales are not blocks of {list(block)} like the rest of the model"
+    return None if block is not None else "no block-FP8 linear to refine"
 
 
 def refusal(ckpt: Checkpoint, r: int) -> str | None:
@@ -42,6 +70,8 @@ def refusal(ckpt: Checkpoint, r: int) -> str | None:
     mismatch = fp8_config.tensor_mismatch(ckpt)  # the config and the tensors disagree: nothing is exact
     if mismatch:
         return mismatch
+    if is_fp8_blocks(ckpt):
+        return _fp8_refusal(ckpt, r)
     quantized = [lin for lin in ckpt.linears if lin.quantized]
     if not quantized:
         return "the checkpoint is not group-quantized"
@@ -62,6 +92,8 @@ def refusal(ckpt: Checkpoint, r: int) -> str | None:
 
 
 def _regrouped_linear(lin: Linear, r: int) -> Linear:
+    if lin.format == fp8.NAME:
+        return fp8.refined_linear(lin, r)
     if not lin.quantized or not lin.group_size or lin.group_size <= 0:
         return lin
     axes = formats.BY_NAME[lin.format].GROUP_AXES
@@ -90,7 +122,9 @@ def regrouped(ckpt: Checkpoint, r: int) -> Checkpoint:
 def ops(ckpt: Checkpoint, r: int) -> list[TensorOp]:
     out = []
     for lin in ckpt.linears:
-        if lin.quantized and lin.group_size and lin.group_size > 0:
+        if lin.format == fp8.NAME:
+            out += fp8.refine_ops(lin, r)
+        elif lin.quantized and lin.group_size and lin.group_size > 0:
             fmt = formats.BY_NAME[lin.format]
             out += regroup_ops(lin, r, fmt.GROUP_AXES, fmt.GROUP_IDS)
     return out
@@ -123,7 +157,10 @@ def config_key(ckpt: Checkpoint) -> str:
 
 def quant_config(ckpt: Checkpoint, r: int) -> dict:
     """quantization_config with every group size divided by r: the top-level one (AWQ `group_size` /
-    `q_group_size`, GPTQ `group_size`), GPTQModel `dynamic` overrides, compressed-tensors config_groups."""
+    `q_group_size`, GPTQ `group_size`), GPTQModel `dynamic` overrides, compressed-tensors config_groups;
+    block-FP8: weight_block_size [bn/r, bk/r]."""
+    if is_fp8_blocks(ckpt):
+        return fp8_config.refined_config(ckpt.quant, r)
     q = copy.deepcopy(ckpt.quant.raw)
 
     def split(node: dict, key: str) -> None:
@@ -146,4 +183,15 @@ def quant_config(ckpt: Checkpoint, r: int) -> dict:
 def change(ckpt: Checkpoint, r: int, regroup_ops_: list[TensorOp]) -> RegroupChange:
     g = ckpt.group_size or 0
     modules = sum(1 for lin in ckpt.linears if lin.quantized and lin.group_size and lin.group_size > 0)
-    return RegroupChange(r, g, g // r if g > 0 else g, modules, added_bytes(regroup_ops_), config_key(ckpt))
+    block = block_size(ckpt) if is_fp8_blocks(ckpt) else None
+    new_block = None if block is None else (block[0] // r, block[1] // r)
+    return RegroupChange(r, g, g // r if g > 0 else g, modules, added_bytes(regroup_ops_), config_key(ckpt), block, new_block)
+
+
+def label(ckpt: Checkpoint, r: int) -> str:
+    """The candidate's name: "regroup g64" (groups of 64), "regroup 64x64" (FP8 blocks of 64 x 64)."""
+    block = block_size(ckpt) if is_fp8_blocks(ckpt) else None
+    if block is not None and not (block[0] % r or block[1] % r):
+        return f"regroup {block[0] // r}x{block[1] // r}"
+    g = ckpt.group_size or 0
+    return f"regroup g{g // r}" if g > 0 else f"regroup /{r}"

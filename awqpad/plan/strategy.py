@@ -5,6 +5,8 @@ Candidates, for every requested TP and engine at once:
   pad            zero-pad MLP widths in whole groups (plan/pad_plan.py)
   regroup gN     split every group into smaller ones of N (plan/regroup.py), N in g/2, g/4 (>= 32)
   regroup gN + pad  both: regroup, then pad what still does not split
+  regroup BxB    block-FP8: blocks [bn, bk] refined to [bn/r, bk/r], scales repeated (same ranking); engines whose
+                 fast kernels take only 128 x 128 blocks leave it on a fallback (vLLM: Triton) or refuse it
 Ranking: refused last; then fewest layers left on a fallback kernel (fast kernel first); then the lowest
 cost = added bytes (share of the checkpoint) + added matmul FLOPs (share of the weights they multiply);
 then the simplest. Whether an engine takes the smaller group is its own rule rows (engines/*.py, quantity
@@ -108,7 +110,7 @@ def plan_with_strategy(ckpt: Checkpoint, tps: tuple[int, ...], engine: str = "vl
 
     for r in regroup.FACTORS if strategy != "pad" else ():
         g = ckpt.group_size or 0
-        label = f"regroup g{g // r}" if g > 0 else f"regroup /{r}"
+        label = regroup.label(ckpt, r)
         why = regroup.refusal(ckpt, r)
         if why:
             cands.append(Candidate(label, None, {}, 0, 0.0, 0.0, 0.0, 0, True, rejected=why))
@@ -126,6 +128,8 @@ def plan_with_strategy(ckpt: Checkpoint, tps: tuple[int, ...], engine: str = "vl
 
     allowed = [c for c in cands if c.rejected is None and (c.name in plans or c.name == "none")]
     best = min(allowed, key=_key) if allowed else None
+    if best is not None and best.refused:  # nothing loads: show the padding plan and its blockers, not a refused regroup
+        best = next((c for c in allowed if c.name == pad_name and c.name in plans), best)
     rows = []
     for c in sorted(cands, key=lambda c: (c is not best, c.rejected is not None, _key(c))):
         if c is best:
@@ -145,10 +149,18 @@ def plan_with_strategy(ckpt: Checkpoint, tps: tuple[int, ...], engine: str = "vl
         return dataclasses.replace(chosen, strategy=strategy, candidates=tuple(rows))
     r, rops, change = extras[best.name]
     config = {**chosen.config_updates, change.config_key: regroup.quant_config(ckpt, r)}
+    notes = chosen.notes + ((_refine_note(change),) if change.block is not None else ())
     return dataclasses.replace(
         chosen, ops=tuple(regroup.merge(rops, list(chosen.ops))), config_updates=config,
         added_bytes=chosen.added_bytes + change.added_bytes, group_size=ckpt.group_size,
-        violations_before=base.violations_before, strategy=strategy, regroup=change, candidates=tuple(rows))
+        violations_before=base.violations_before, strategy=strategy, regroup=change, candidates=tuple(rows), notes=notes)
+
+
+def _refine_note(change: regroup.RegroupChange) -> str:
+    (bn, bk), (nbn, nbk) = change.block, change.new_block
+    return (f"FP8 blocks refined [{bn}, {bk}] -> [{nbn}, {nbk}]: every weight byte is unchanged and each new block "
+            f"repeats its parent's scale, so the weights dequantize bit-identically; W8A8 engines quantize activations "
+            f"per [1, {nbk}] instead of [1, {bk}] inputs (finer, not identical rounding)")
 
 
 def _unchanged(base: PadPlan) -> PadPlan:

@@ -2,7 +2,9 @@
 
 For every per-group tensor awqpad.json says was regrouped (scales, zeros, g_idx), OUT's original region
 equals SRC's groups split as recorded: each new group's scale and zero are its parent's (np.repeat), and
-every input row's new group id is a child of its old one (g_idx). Then, for the linears of the first
+every input row's new group id is a child of its old one (g_idx); a refined FP8 block-scale grid holds, in each
+new [bn/r, bk/r] block, its parent [bn, bk] block's scale bit for bit, with exactly the refined blocks that
+hold real weights (ceil(N / (bn/r)) rows, not r * ceil(N / bn)). Then, for the linears of the first
 and the last decoder layer (and their experts), every reader variant of the format dequantizes SRC and
 OUT to the same float64 weights, bit for bit, over the original rows and columns. The packed weights
 themselves are covered by bytes-unchanged / bytes-original; the TP-simulated function by `function`.
@@ -15,7 +17,7 @@ import time
 import numpy as np
 
 from awqpad.checkpoint import formats
-from awqpad.checkpoint.formats.base import regroup_ids
+from awqpad.checkpoint.formats.base import refine_blocks, regroup_ids, regrouped_shape
 from awqpad.errors import UnsupportedError
 from awqpad.execute.tensor_io import read_array
 from awqpad.verify.context import Check, VerifyContext, make_check
@@ -36,6 +38,8 @@ def _original_region(arr: np.ndarray, op) -> np.ndarray:
 def _expected(src_arr: np.ndarray, op) -> np.ndarray:
     if op.regroup_kind == "ids":
         return regroup_ids(src_arr, op.regroup).astype(src_arr.dtype)
+    if op.regroup_kind == "refine":
+        return refine_blocks(src_arr, op.regroup, regrouped_shape(op))
     return np.repeat(src_arr, op.regroup, axis=op.regroup_axis)
 
 
@@ -60,7 +64,7 @@ def check_regroup(ctx: VerifyContext) -> list[Check]:
             continue
         got = _original_region(read_array(ctx.root, o_info), op)
         if got.shape != want.shape or not np.array_equal(got.view(np.uint8), want.view(np.uint8)):
-            what = "group ids" if op.regroup_kind == "ids" else "scale / zero rows"
+            what = {"ids": "group ids", "refine": "FP8 block scales"}.get(op.regroup_kind, "scale / zero rows")
             problems.append(f"{op.tensor}: OUT's {what} are not SRC's split {op.regroup} ways")
     # every reader: SRC and OUT dequantize to the same weights over the original region
     regrouped = {op.tensor for op in ops}

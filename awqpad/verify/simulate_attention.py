@@ -105,7 +105,11 @@ def spec_for(ckpt: Checkpoint) -> AttentionSpec:
 
 
 def attention_layers(ckpt: Checkpoint) -> tuple[int, ...]:
-    return tuple(sorted({lin.layer for lin in ckpt.linears if lin.block == "attn" and lin.layer is not None}))
+    """Layers with q, k, v (or fused qkv) and o: MLA and linear-attention layers are not simulated here."""
+    roles: dict[int, set] = {}
+    for lin in (lin for lin in ckpt.linears if lin.block == "attn" and lin.layer is not None):
+        roles.setdefault(lin.layer, set()).add(lin.role)
+    return tuple(sorted(k for k, r in roles.items() if "o" in r and ({"q", "k", "v"} <= r or "qkv" in r)))
 
 
 def load_attention(ckpt: Checkpoint, layer: int) -> AttentionData:

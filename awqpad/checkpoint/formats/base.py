@@ -53,10 +53,12 @@ class TensorOp:
     replace: tuple[int, ...] | None = None  # new values of a tiny metadata tensor (CT weight_shape)
     # Regrouping (applied first, then the inserts): every group of `regroup_axis` is split into `regroup`
     # groups. "repeat": scale / zero rows repeated (np.repeat); "ids": a g_idx, each group's members split in
-    # order into `regroup` fresh groups r*g + i. old_shape is the source shape; inserts are in regrouped units.
+    # order into `regroup` fresh groups r*g + i; "refine": a 2-D FP8 block-scale grid, every cell repeated r x r
+    # and the refined cells wholly past the tensor end dropped (regrouped_shape). old_shape is the source shape;
+    # inserts are in regrouped units.
     regroup: int = 1
     regroup_axis: int = 0
-    regroup_kind: str = "repeat"  # repeat | ids
+    regroup_kind: str = "repeat"  # repeat | ids | refine
 
 
 @dataclass(frozen=True)
@@ -190,3 +192,22 @@ def regroup_ops(linear, r: int, axes: dict[str, int], ids: str | None) -> list[T
     if info is not None:
         ops.append(TensorOp(info.name, info.dtype, tuple(info.shape), tuple(info.shape), 0, (), None, r, 0, "ids"))
     return ops
+
+
+def regrouped_shape(op: TensorOp) -> tuple[int, ...]:
+    """The shape of a regrouped tensor before its inserts (new_shape less what the inserts add)."""
+    shape = list(op.new_shape)
+    shape[op.axis] -= sum(ins.count for ins in op.inserts)
+    return tuple(shape)
+
+
+def refine_blocks(scales: np.ndarray, r: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Block scales [ceil(N/bn), ceil(K/bk)] refined to blocks [bn/r, bk/r]: [ceil(N/(bn/r)), ceil(K/(bk/r))].
+
+    Every refined block lies inside one parent block, so it takes the parent's scale (np.repeat on both
+    axes); a partial last parent block yields fewer than r refined ones, so the repeated grid is cut to
+    `shape` (N = 576 in blocks of 128 -> 64: 9 rows, not 10). Raises if `shape` is not such a cut."""
+    rows, cols = scales.shape
+    if len(shape) != 2 or not all(r * (old - 1) < new <= r * old for old, new in zip((rows, cols), shape)):
+        raise UnsupportedError(f"block scales {[rows, cols]} cannot be refined {r} ways to {list(shape)}")
+    return np.repeat(np.repeat(scales, r, axis=0), r, axis=1)[: shape[0], : shape[1]]

@@ -35,10 +35,13 @@ TRT-LLM's FP8BlockScalesLinearMethod sizes scales as ceil(N/128) x ceil(K/128) w
 
 from __future__ import annotations
 
+import dataclasses
+
 from awqpad.lazy import numpy as np
 
-from awqpad.checkpoint.formats.base import Fill, Geometry, make_op, scaled, to_float64
+from awqpad.checkpoint.formats.base import Fill, Geometry, TensorOp, make_op, scaled, to_float64
 from awqpad.checkpoint.formats.float8 import decode_e4m3fnuz_normalized, decode_e4m3fnuz_raw, e4m3fn
+from awqpad.checkpoint.header import tensor_nbytes
 from awqpad.errors import InputError, UnsupportedError
 
 NAME = "fp8"
@@ -230,3 +233,41 @@ def shard_unit(linear, dim: str) -> int:
 def nan_codes(codes: np.ndarray) -> int:
     """How many e4m3fn NaN bytes (S.1111.111) a weight region holds."""
     return int(np.count_nonzero((np.asarray(codes).astype(np.uint8) & 0x7F) == 0x7F))
+
+
+# --- block refinement: blocks [bn, bk] -> [bn/r, bk/r], weights untouched ----------------------------
+# Each refined block lies inside one parent block and repeats its scale, so every weight dequantizes to
+# the same value (the engine-side counterpart: vLLM Fp8MoEMethod refines MoE scales the same way at load,
+# fused_moe/oracle/fp8.py refine_fp8_moe_block_shape). Both axes are refined: vLLM quantizes activations
+# per [1, weight_block_size[0]] group and its kernels check that against block_k
+# (quantization/fp8.py Fp8LinearMethod activation_quant_key), so engines take square blocks only.
+
+REFINE_KIND = "refine"
+MIN_BLOCK = 32  # vLLM's own refinement goes no finer than 32 (resolve_fp8_moe_weight_block_shape)
+
+
+def refined_scale_shape(linear, r: int) -> tuple[int, int]:
+    n, k = linear.parts["weight"].shape
+    return -(-n // (linear.block_n // r)), -(-k // (linear.group_size // r))
+
+
+def refine_ops(linear, r: int) -> list:
+    """The scale tensor of a block-FP8 linear refined r ways on both axes (nothing for other kinds)."""
+    if kind(linear) != "block":
+        return []
+    info = linear.parts[scale_part(linear.parts)]
+    return [TensorOp(info.name, info.dtype, tuple(info.shape), refined_scale_shape(linear, r), 0, (), None, r, 0,
+                     REFINE_KIND)]
+
+
+def refined_linear(linear, r: int):
+    """`linear` as it reads with blocks [bn/r, bk/r] (shapes only: for the engine rules and pad planning)."""
+    if kind(linear) != "block":
+        return linear
+    name = scale_part(linear.parts)
+    info = linear.parts[name]
+    shape = refined_scale_shape(linear, r)
+    parts = dict(linear.parts)
+    parts[name] = dataclasses.replace(info, shape=shape, end=info.begin + tensor_nbytes(info.dtype, shape))
+    return dataclasses.replace(linear, parts=parts, group_size=linear.group_size // r, block_n=linear.block_n // r,
+                               groups=shape[1])

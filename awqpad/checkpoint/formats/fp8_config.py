@@ -82,3 +82,31 @@ def tensor_mismatch(ckpt) -> str | None:
         return None
     return (f"quantization_config says FP8 (quant_method 'fp8') but {other.prefix} holds {other.format} tensors; "
             "the config and the weights disagree")
+
+
+CT_BLOCK_REFUSAL = ("refining compressed-tensors FP8 blocks (config_groups block_structure) is not supported: only "
+                    "native block-FP8 (quant_method 'fp8', weight_block_size) is; pad instead")
+
+
+def block_refusal(q, r: int, min_block: int) -> str | None:
+    """Why the FP8 config cannot take blocks [bn/r, bk/r] (None: it can). One weight_block_size holds for the
+    whole model, so the whole model is refined by the same r."""
+    if q.method == "compressed-tensors":
+        return CT_BLOCK_REFUSAL
+    raw = q.raw or {}
+    if raw.get("weight_block_size") is None:
+        return "per-tensor / per-channel FP8 (no weight_block_size) has no K-blocks to refine"
+    bn, bk = _block(raw["weight_block_size"], "quantization_config")
+    if bn % r or bk % r or min(bn, bk) // r < min_block:
+        return f"FP8 block [{bn}, {bk}] does not split into {r} x {r} blocks of at least {min_block}"
+    return None
+
+
+def refined_config(q, r: int) -> dict:
+    """quantization_config with weight_block_size [bn/r, bk/r] (everything else as it was)."""
+    import copy
+
+    out = copy.deepcopy(q.raw)
+    bn, bk = _block(out["weight_block_size"], "quantization_config")
+    out["weight_block_size"] = [bn // r, bk // r]
+    return out
