@@ -162,8 +162,13 @@ def pad(src: str, out: str | Path, tp: int | Sequence[int], *, engine: str = DEF
         if result.blocked:
             first = result.blockers[0]
             more = f" (+{len(result.blockers) - 1} more; see `awqpad plan`)" if len(result.blockers) > 1 else ""
+            from awqpad.plan.strategy import AUTO_NO_REFINE
+
+            refine = any(c.rejected == AUTO_NO_REFINE for c in result.candidates)
             error = BlockedError(f"cannot pad {src} for TP {max(result.tp)} on {first.engine}: "
-                                 f"{first.explanation or first.message}{more}")
+                                 f"{first.explanation or first.message}{more}",
+                                 hint="--strategy regroup refines the FP8 blocks instead: weights exact, activations "
+                                      "quantized in finer groups" if refine else None)
             error.data = {"status": "blocked", "source": ckpt.source.source_id, "revision": ckpt.source.revision,
                           "out": None, "tp": list(result.tp), "engine": engine, "plan": summary}
             raise error

@@ -109,18 +109,23 @@ def test_bf16_and_ue8m0_scales_are_copied_bit_for_bit(tmp_path, spec):
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_auto_refines_when_padding_cannot_help_and_says_it_runs_on_triton(tmp_path):
+def test_auto_never_refines_fp8_blocks_regroup_does_and_says_it_runs_on_triton(tmp_path):
+    """Refined blocks dequantize bit-identically, but W8A8 kernels then quantize activations per [1, 32]: not the
+    same function, so auto refuses it (exit 3, with a hint) and only an explicit --strategy regroup writes it."""
     built = build_fp8(tmp_path / "src", SMALL_HEADS)
-    report = pad(built.path, tmp_path / "out", 4, "vllm-latest", "auto")
+    done = awqpad("pad", built.path, tmp_path / "auto", "--tp", 4, "--engine", "vllm-latest")
+    assert done.returncode == 3 and not (tmp_path / "auto").exists()
+    assert "hint: --strategy regroup refines the FP8 blocks instead" in done.stderr, done.stderr
+    plan = json.loads(awqpad("plan", built.path, "--tp", 4, "--engine", "vllm-latest", "--json").stdout)
+    assert all("auto only picks exact plans" in c["rejected"] for c in plan["candidates"] if c["name"].startswith("regroup"))
+    report = pad(built.path, tmp_path / "out", 4, "vllm-latest", "regroup")
     plan = report["plan"]
     assert plan["regroup"]["new_block"] == [32, 32]
     cands = {c["name"]: c for c in plan["candidates"]}
     assert cands["regroup 32x32"]["chosen"] and cands["regroup 32x32"]["fallbacks"] == 1
-    assert "never padded" in cands["pad"]["rejected"]  # q_proj per rank 64: padding MLPs cannot fix it
-    assert cands["regroup 64x64 + pad"]["rejected"].startswith("costs more")
     fallbacks = [v for v in plan["violations_after"] if v["severity"] == "fallback"]
     assert [v["rule"] for v in fallbacks] == ["fp8-block-triton"] and "Triton" in fallbacks[0]["message"]
-    assert any("[128, 128] -> [32, 32]" in note for note in plan["notes"])
+    assert any("[128, 128] -> [32, 32]" in note and "not identical rounding" in note for note in plan["notes"])
     judge(built, tmp_path / "out", 4)
     assert awqpad("verify", built.path, tmp_path / "out").returncode == 0
 
@@ -130,29 +135,26 @@ def test_auto_prefers_padding_on_the_fast_kernel_and_says_why(tmp_path):
     plan = plan_with_strategy(read_checkpoint(resolve_source(str(tmp_path / "src"))), (2,), "vllm-latest")
     assert plan.regroup is None and plan.candidates[0].name == "pad" and plan.candidates[0].chosen
     refine = {c.name: c for c in plan.candidates}["regroup 32x32"]
-    assert refine.fallbacks == 1 and "slower fallback kernel" in refine.rejected
+    assert "auto only picks exact plans" in refine.rejected
+    regroup = plan_with_strategy(read_checkpoint(resolve_source(str(tmp_path / "src"))), (2,), "vllm-latest",
+                                 strategy="regroup")
+    refine = {c.name: c for c in regroup.candidates}["regroup 32x32"]
+    assert refine.chosen and refine.fallbacks == 1  # on the slower Triton kernel, which plan says
     assert refine.added_flops_percent == 0.0 and 0 < refine.added_percent < plan.candidates[0].added_percent
 
 
-def test_refine_then_pad_a_partial_block_width(tmp_path):
+def test_refine_then_pad_is_not_offered(tmp_path):
     # MLP 336 = 2.625 blocks of 128; k_proj 64 per rank at TP 2 rules out padding alone, 168 per rank splits into
-    # neither 64 nor 32: auto refines to 64 x 64 and pads 336 -> 384 (6 refined blocks; the partial one completed)
-    built = build_fp8(tmp_path / "src", Spec(arch="qwen3", head_dim=64, intermediate=336))
-    plan = pad(built.path, tmp_path / "out", 2, "vllm-latest", "auto")["plan"]
-    assert plan["regroup"]["new_block"] == [64, 64] and plan["dims"]["intermediate_size"]["padded"] == 384
-    src, dst = read_tensors(built.path), read_tensors(tmp_path / "out")
-    checked = 0
-    for prefix, want in built.weights.items():
-        a, b = dequant(src, prefix, built.spec), dequant(dst, prefix, built.spec, block=(64, 64))
-        n, k = a.shape
-        assert np.array_equal(b[:n, :k].view(np.uint64), a.view(np.uint64)), prefix
-        assert np.count_nonzero(b[n:]) == 0 and np.count_nonzero(b[:, k:]) == 0 and b.size >= a.size, prefix
-        old = src[f"{prefix}.weight_scale_inv"][1].view(np.uint32)
-        new = dst[f"{prefix}.weight_scale_inv"][1].view(np.uint32)
-        checked += parent_scales_hold(old, new, 2, *b.shape, (128, 128))  # the padded tail keeps its parent's scale
-    assert checked > 0
-    done = awqpad("verify", built.path, tmp_path / "out")
-    assert done.returncode == 0, done.stdout + done.stderr
+    # neither 64 nor 32: only refining to 64 x 64 *and* padding 336 -> 384 would load, and refining is not exact
+    # for W8A8 activations, so auto refuses; --strategy regroup refuses too (regrouping alone does not split 168)
+    built = build_fp8(tmp_path / "src", Spec(arch="qwen3", head_dim=64, intermediate=336), data=False)
+    for strategy, why in (("auto", "hint: --strategy regroup"), ("regroup", "needs padding too")):
+        done = awqpad("pad", built.path, tmp_path / strategy, "--tp", 2, "--engine", "vllm-latest", "--strategy", strategy)
+        assert done.returncode == 3 and not (tmp_path / strategy).exists(), done.stderr
+        plan = json.loads(awqpad("plan", built.path, "--tp", 2, "--engine", "vllm-latest", "--strategy", strategy,
+                                 "--json").stdout)
+        assert any(why.split(": ")[-1] in (c["rejected"] or "") for c in plan["candidates"]) or why in done.stderr, \
+            (strategy, done.stderr, plan["candidates"])
 
 
 @pytest.mark.parametrize("engine", ["trtllm", "sglang", "vllm"])

@@ -41,11 +41,14 @@ def render(outcome, src: str, console) -> None:
     if outcome.status == "padded":
         dims = ", ".join(f"{key} {d['original']} -> {d['padded']}" for key, d in plan["dims"].items()
                          if d["original"] != d["padded"])
+        from awqpad.plan.regroup import describe
+
         regroup = plan.get("regroup")
+        what = f"padded {dims}" if dims else ""
         if regroup:
-            text = f"regrouped group_size {regroup.get('group_size')} -> {regroup.get('new_group_size')}"
-            dims = f"{dims} and {text}" if dims else text
-        console.print(f"{'padded ' if not regroup or plan['dims'] else ''}{esc(dims)}: {outcome.padded_tensors} tensors in {len(outcome.shards)} shard(s), "
+            text = f"regrouped {describe(regroup)}"
+            what = f"{what} and {text}" if what else text
+        console.print(f"{esc(what)}: {outcome.padded_tensors} tensors in {len(outcome.shards)} shard(s), "
                       f"{human_bytes(outcome.bytes_written)} in {outcome.seconds:.1f} s -> {esc(outcome.out)}")
     else:
         how = (f"{len(outcome.linked_files)} file(s) hard-linked" if outcome.linked_files else "") + \

@@ -89,8 +89,12 @@ def render(plan, summary: dict, console) -> None:
         console.print(f"  total: +{human_bytes(plan.added_bytes)} ({summary['added_percent']:.3f} % of {human_bytes(plan.total_bytes)})")
     if plan.regroup is not None:
         rg = plan.regroup
-        console.print(f"Regroup: group_size {rg.group_size} -> {rg.new_group_size} in {rg.modules} linears "
-                      f"(+{human_bytes(rg.added_bytes)} of scales and zeros, +0 % FLOPs; every weight unchanged)")
+        from awqpad.plan.regroup import describe
+        from awqpad.serialize import to_data
+
+        console.print(f"Regroup: {esc(describe(to_data(rg)))} in {rg.modules} linears "
+                      f"(+{human_bytes(rg.added_bytes)} of scales{'' if rg.block else ' and zeros'}, +0 % FLOPs; "
+                      "every weight unchanged)")
         if not changed:
             console.print(f"  total: +{human_bytes(plan.added_bytes)} ({summary['added_percent']:.3f} % of {human_bytes(plan.total_bytes)})")
     elif not changed and not plan.blocked:

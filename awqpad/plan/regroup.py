@@ -44,6 +44,13 @@ class RegroupChange:
     new_block: tuple[int, int] | None = None
 
 
+def describe(change: dict) -> str:
+    """One phrase for a RegroupChange (as plan_summary serialises it): what got smaller."""
+    if change.get("block"):
+        return f"FP8 blocks {list(change['block'])} -> {list(change.get('new_block') or [])}"
+    return f"group_size {change.get('group_size')} -> {change.get('new_group_size')}"
+
+
 def is_fp8_blocks(ckpt: Checkpoint) -> bool:
     """Regrouping this checkpoint means refining FP8 blocks (its decoder linears are FP8)."""
     return ckpt.format == fp8.NAME

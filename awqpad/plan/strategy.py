@@ -88,6 +88,13 @@ def _why_not(c: Candidate, best: Candidate, plans: dict) -> str:
             f"(chosen: +{best.added_percent:.2f} %, +{best.added_flops_percent:.2f} %)")
 
 
+# Refined FP8 blocks dequantize bit-identically, but W8A8 kernels quantize activations per [1, block_k]
+# group, so finer blocks change the activation rounding: the served function is not exactly the same.
+# auto only picks exact plans; --strategy regroup asks for it knowingly (and the plan says so in a note).
+AUTO_NO_REFINE = ("refining FP8 blocks also makes W8A8 kernels quantize activations in finer groups, so outputs "
+                  "are not bit-identical; auto only picks exact plans (ask for it with --strategy regroup)")
+
+
 def plan_with_strategy(ckpt: Checkpoint, tps: tuple[int, ...], engine: str = "vllm", skip_experts: bool = False,
                        pad_heads: bool = False, expert_parallel: bool = False, strategy: str = DEFAULT_STRATEGY) -> PadPlan:
     """make_plan, with regrouping candidates weighed against padding (see the module docstring)."""
@@ -122,6 +129,8 @@ def plan_with_strategy(ckpt: Checkpoint, tps: tuple[int, ...], engine: str = "vl
         cand = _candidate(name, g // r, plan, regroup.added_bytes(rops))
         if strategy == "regroup" and plan.changed_dims:
             cand = dataclasses.replace(cand, rejected="regrouping alone does not split every width: it needs padding too")
+        elif strategy == "auto" and regroup.is_fp8_blocks(ckpt) and not cand.refused:  # engine refusals say more
+            cand = dataclasses.replace(cand, rejected=AUTO_NO_REFINE)
         plans[name] = plan
         extras[name] = (r, rops, regroup.change(ckpt, r, rops))
         cands.append(cand)
@@ -149,11 +158,13 @@ def plan_with_strategy(ckpt: Checkpoint, tps: tuple[int, ...], engine: str = "vl
         return dataclasses.replace(chosen, strategy=strategy, candidates=tuple(rows))
     r, rops, change = extras[best.name]
     config = {**chosen.config_updates, change.config_key: regroup.quant_config(ckpt, r)}
-    notes = chosen.notes + ((_refine_note(change),) if change.block is not None else ())
+    refine = (_refine_note(change),) if change.block is not None else ()
+    notes, warnings = chosen.notes + refine, tuple(chosen.warnings) + refine  # pad says it too, not only plan
     return dataclasses.replace(
         chosen, ops=tuple(regroup.merge(rops, list(chosen.ops))), config_updates=config,
         added_bytes=chosen.added_bytes + change.added_bytes, group_size=ckpt.group_size,
-        violations_before=base.violations_before, strategy=strategy, regroup=change, candidates=tuple(rows), notes=notes)
+        violations_before=base.violations_before, strategy=strategy, regroup=change, candidates=tuple(rows), notes=notes,
+        warnings=warnings)
 
 
 def _refine_note(change: regroup.RegroupChange) -> str:

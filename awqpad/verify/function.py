@@ -210,10 +210,14 @@ def check_attention(ctx: VerifyContext) -> list[Check]:
 
     out, src = ctx.out, ctx.src
     padded = src is not None and (out.dims.heads, out.dims.kv_heads) != (src.dims.heads, src.dims.kv_heads)
-    recorded = any(op.tensor.split(".")[-2] in ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_value",
-                                                  "W_pack", "wqkv", "c_attn") for op in (ctx.ops or ()))
-    if not (padded or recorded):
+    attn_ops = [op for op in (ctx.ops or ()) if op.tensor.split(".")[-2] in (
+        "q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_value", "W_pack", "wqkv", "c_attn")]
+    if not (padded or attn_ops):
         return []
+    if not padded and all(op.regroup > 1 and not op.inserts and op.replace is None for op in attn_ops):
+        # heads unchanged, attention linears only regrouped: no head shard changes; `regroup` proves the scales
+        return [not_applicable("attention", f"heads were not padded; the {len(attn_ops)} attention tensors were only "
+                               "regrouped (see regroup)", {"layers": []})]
     # no attention linears: the head counts alone would pass, having formed no rank's shard
     unformed = [] if attention_sim.attention_layers(out) else [not_compared(
         "OUT has no attention linears that awqpad recognizes, so no rank's q / k / v / o shard was formed")]
