@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from tests.factory import Model, Quant, build_checkpoint
-from tests.test_verify import SMALL, TP, awqpad, checks, edit, failed, pad, set_json, verify_json
+from tests.test_verify import SMALL, awqpad, checks, edit, failed, pad, set_json, verify_json
 
 
 def _padded(tmp_path: Path) -> tuple[Path, Path]:

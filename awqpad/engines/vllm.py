@@ -12,7 +12,7 @@ Paths below are files under vllm/model_executor/ (layers/quantization/... unless
 from __future__ import annotations
 
 from awqpad.engines.rules import (
-    AWQ, AWQ_IN, AWQ_OUT, CT_INT, DIVISIBLE, GPTQ, HEADS, INT_FORMATS, KV_REPL, MARLIN_G, MARLIN_K, MARLIN_N, Rule,
+    AWQ, AWQ_IN, AWQ_OUT, CT_INT, DIVISIBLE, GPTQ, HEADS, INT_FORMATS, KV_REPL, MARLIN_K, MARLIN_N, Rule,
 )
 
 COMMON = (
