@@ -88,7 +88,7 @@ def link_to_directory(ckpt: Checkpoint, plan: PadPlan, out: Path, *, status: str
             fsync_file(tmp / PROVENANCE)
         return written
 
-    # Links take no room; a copy across filesystems needs the whole repo (checked as if copying).
+    # Links take no room, so no free-space check; a copy across filesystems is not pre-checked either (ENOSPC is exit 4).
     written = build_atomically(src, out, force, lambda: 0, build, notify, fsync)
     result = PadResult(str(out), tuple(s.filename for s in ckpt.shards), written, time.monotonic() - started, 0,
                        tuple(copied), tuple(sides.skipped), tuple(sides.external))
