@@ -136,7 +136,10 @@ def remove_tree(path: Path) -> None:
     if path.is_symlink() or not path.is_dir():
         path.unlink(missing_ok=True)
     else:
-        shutil.rmtree(path, ignore_errors=True)
+        for _ in range(3):  # a file created while rmtree ran leaves the dir non-empty: go again
+            shutil.rmtree(path, ignore_errors=True)
+            if not os.path.lexists(path):
+                break
 
 
 def recover_leftovers(out: Path, notify: Callable[[str], None]) -> None:

@@ -211,8 +211,9 @@ def _write_shards(ckpt: Checkpoint, ops: dict, tmp: Path, progress, fsync: bool,
         return size
 
     pool = ThreadPoolExecutor(max_workers=max(1, min(WRITERS, len(ckpt.shards))))
-    jobs = [pool.submit(one, shard) for shard in ckpt.shards]
-    try:
+    jobs = []
+    try:  # submitting starts threads: a Ctrl-C while submitting must still stop and join them
+        jobs.extend(pool.submit(one, shard) for shard in ckpt.shards)
         wait(jobs, return_when=FIRST_EXCEPTION)
         failed = [job for job in jobs if job.done() and job.exception() is not None]
         if failed:
