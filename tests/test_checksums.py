@@ -79,3 +79,31 @@ def test_hard_linked_out_hashes_only_what_it_copied(tmp_path):
     assert hashed == []  # same filesystem: everything was a hard link, nothing was written, nothing hashed
     code, report, _ = verify_json(tmp_path / "tp1", "--tp", 1)
     assert code == 0, failed(report)
+
+
+def test_hash_trails_the_writer_through_both_copy_paths(tmp_path, monkeypatch):
+    """The sha256 is read back from the file by a thread just behind the writer. With tiny chunks and lag
+    bound (so the writer really waits on the hasher), through copy_file_range and through the buffered
+    fallback a file system without it takes, every recorded hash is hashlib's over the file."""
+    import os
+
+    from awqpad.execute import shard_writer, trailing_hash
+
+    monkeypatch.setattr(trailing_hash, "HASH_CHUNK", 4096)
+    monkeypatch.setattr(trailing_hash, "HASH_LAG", 8192)
+    monkeypatch.setattr(shard_writer, "COPY_CHUNK", 3000)  # not a multiple of the hash chunk
+    src = tmp_path / "src"
+    build_checkpoint(src, Model(**SMALL), Quant("awq"), shards=2)
+    from awqpad.api import pad as api_pad
+
+    for name in ("kernel", "buffered"):
+        if name == "buffered":
+            monkeypatch.delattr(os, "copy_file_range")
+        out = tmp_path / name
+        api_pad(str(src), out, tp=2)
+        files = json.loads((out / "awqpad.json").read_text())["files"]
+        shards = [n for n in files if n.endswith(".safetensors")]
+        assert len(shards) == 2
+        for shard in shards:
+            assert files[shard]["sha256"] == hashlib.sha256((out / shard).read_bytes()).hexdigest(), (name, shard)
+    assert (tmp_path / "kernel" / shards[0]).read_bytes() == (tmp_path / "buffered" / shards[0]).read_bytes()

@@ -1,14 +1,13 @@
 """Stream one safetensors shard through the plan's TensorOps into a new shard.
 
 The output header is computed first (shapes and offsets are known from the plan), then tensors are
-written in source order: unchanged tensors are copied as bytes (no decode, in 32 MB chunks that pass
-through sha256), padded tensors in bounded row blocks. Memory stays at one block (<= BLOCK_BYTES) whatever the model size.
+written in source order: unchanged tensors are copied as bytes (copy_file_range: no decode, no trip through
+user space; sha256 reads the file back on another thread), padded tensors in bounded row blocks. Memory stays at one block (<= BLOCK_BYTES) whatever the model size.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import math
 import os
 import threading
@@ -21,6 +20,7 @@ from awqpad.errors import InputError, OutputError
 from awqpad.checkpoint.formats.base import Fill, TensorOp, fill_bytes, refine_blocks, regroup_ids, regrouped_shape
 from awqpad.checkpoint.header import ShardHeader, TensorInfo, encode_header, tensor_nbytes
 from awqpad.source.paths import create_output
+from awqpad.execute.trailing_hash import TrailingHasher
 from awqpad.execute.tensor_io import ARRAY_DTYPES, RAW_DTYPES, itemsize, pread_exact
 
 BLOCK_BYTES = 16 << 20
@@ -47,43 +47,69 @@ WRITEBACK_EVERY = 64 << 20
 
 
 class ShardWriter:
-    """Positional writes into one output file; every byte count is checked against the plan, and every
-    byte goes through sha256 on its way out (awqpad.json records it; no second read pass).
+    """Positional writes into one output file; every byte count is checked against the plan. Unchanged
+    byte ranges are copied in the kernel (copy_file_range); a TrailingHasher thread reads the file back
+    just behind the writer for the sha256 awqpad.json records.
 
     Writeback of what is written is started every WRITEBACK_EVERY bytes, so the disk works while the
     next tensors are produced and the final fsync has little left to wait for.
     """
 
-    def __init__(self, path: Path, expected_size: int):
+    def __init__(self, path: Path, expected_size: int, hash_output: bool = True):
         self.path = path
         self.expected_size = expected_size
-        self.fd = create_output(path)  # a new file, never an existing one truncated
+        self.fd = create_output(path, readable=hash_output)  # a new file, never an existing one truncated
         self.pos = 0
         self._flushed = 0
-        self.sha256 = hashlib.sha256()
+        self._hasher = TrailingHasher(self.fd, path.name) if hash_output else None
+        self._copy_range = hasattr(os, "copy_file_range")
+        self._buffer: memoryview | None = None
 
-    def _kick_writeback(self) -> None:
+    def _advanced(self) -> None:
         if _SYNC_FILE_RANGE is not None and self.pos - self._flushed >= WRITEBACK_EVERY:
             _SYNC_FILE_RANGE(self.fd, self._flushed, self.pos - self._flushed, SYNC_FILE_RANGE_WRITE)
             self._flushed = self.pos
+        if self._hasher is not None:
+            _io(self._hasher.advance, self.pos, path=self.path)
 
     def write(self, data) -> None:
         view = memoryview(data).cast("B")
-        self.sha256.update(view)  # releases the GIL: the other writer thread keeps going
         while view:
             written = _io(os.pwrite, self.fd, view, self.pos, path=self.path)
             self.pos += written
             view = view[written:]
-        self._kick_writeback()
+        self._advanced()
 
     def copy_from(self, src_fd: int, offset: int, size: int, what: str) -> None:
-        """Copy a source byte range. Read into memory (one chunk at a time) rather than copy_file_range'd
-        in the kernel, because the bytes must pass through sha256; the page cache serves the read."""
+        """Copy a source byte range: in the kernel where the file systems allow it, else through one
+        reused buffer (a fresh bytes object per chunk would cost page faults)."""
         end = offset + size
         while offset < end:
             n = min(COPY_CHUNK, end - offset)
-            self.write(pread_exact(src_fd, n, offset, what))
-            offset += n
+            if self._copy_range:
+                try:
+                    got = os.copy_file_range(src_fd, self.fd, n, offset, self.pos)
+                except OSError as exc:
+                    if exc.errno in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                        self._copy_range = False
+                        continue
+                    _raise_write(exc, self.path)
+            else:
+                if self._buffer is None:
+                    self._buffer = memoryview(bytearray(COPY_CHUNK))
+                got = os.preadv(src_fd, [self._buffer[:n]], offset)
+                if got > 0:
+                    self.write(self._buffer[:got])
+                    offset += got
+                    continue
+            if got <= 0:
+                raise InputError(f"{what}: file ended {end - offset} bytes early (truncated?)")
+            offset += got
+            self.pos += got
+            self._advanced()
+
+    def sha256(self) -> str | None:
+        return None if self._hasher is None else _io(self._hasher.hexdigest, path=self.path)
 
     def close(self, fsync: bool = True) -> None:
         try:
@@ -95,6 +121,8 @@ class ShardWriter:
             os.close(self.fd)
 
     def abort(self) -> None:
+        if self._hasher is not None:
+            self._hasher.abandon()
         os.close(self.fd)
 
 
@@ -139,7 +167,7 @@ def write_shard(src_root: Path, header: ShardHeader, ops: dict[str, TensorOp], o
     layout = output_layout(header, ops)
     head = encode_header([(i.name, i.dtype, s, n) for i, _, s, n in layout], header.metadata)
     size = len(head) + sum(n for *_, n in layout)
-    writer = ShardWriter(out_path, size)
+    writer = ShardWriter(out_path, size, hash_output=digests is not None)
     try:
         writer.write(head)
         try:
@@ -160,12 +188,13 @@ def write_shard(src_root: Path, header: ShardHeader, ops: dict[str, TensorOp], o
                 else:
                     _write_padded(writer, fd, info, op)
                 advance(nbytes)
+        digest = writer.sha256()
     except BaseException:
         writer.abort()
         raise
     writer.close(fsync=fsync)
-    if digests is not None:
-        digests[header.filename] = writer.sha256.hexdigest()
+    if digest is not None:
+        digests[header.filename] = digest
     return size
 
 

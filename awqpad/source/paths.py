@@ -102,10 +102,12 @@ def output_file(tmp: Path, name: str) -> Path:
     return path
 
 
-def create_output(path: Path) -> int:
-    """A new file's descriptor, opened for writing: never an existing file, never through a symlink."""
+def create_output(path: Path, readable: bool = False) -> int:
+    """A new file's descriptor, opened for writing (and reading, if asked): never an existing file, never
+    through a symlink."""
+    flags = (CREATE_FLAGS & ~os.O_WRONLY) | os.O_RDWR if readable else CREATE_FLAGS
     try:
-        return os.open(path, CREATE_FLAGS, 0o644)
+        return os.open(path, flags, 0o644)
     except OSError as exc:
         raise OutputError(f"{path}: cannot create ({exc.strerror or exc})") from None
 
