@@ -168,6 +168,20 @@ def test_regrouped_output_passes_with_the_padding_checks_not_applying(tmp_path, 
     assert by["bytes-unchanged"]["ok"] and by["bytes-unchanged"]["figures"]["tensors"] > 0
 
 
+def test_regroup_check_without_src_does_not_apply_and_with_nothing_comparable_fails(tmp_path):
+    src, out = _padded(tmp_path, strategy="regroup")
+    code, report, _ = verify_json(out, "--tp", TP, "--engine", "vllm-latest")
+    assert code == 0, failed(report)
+    assert _not_applicable(checks(report)["regroup"]) and "no SRC" in checks(report)["regroup"]["detail"]
+    # the record's regrouped shapes no longer match OUT: nothing the check could compare
+    set_json(out / "awqpad.json", lambda d: [op.update(new_shape=[s + 1 for s in op["new_shape"]])
+                                             for op in d["ops"] if op.get("regroup", 1) > 1])
+    code, report, _ = verify_json(src, out, "--tp", TP, "--engine", "vllm-latest")
+    assert code == 1
+    why = failed(report)["regroup"]
+    assert why.startswith("not compared: none of the ") and "regrouped tensors" in why, why
+
+
 def test_unchanged_copy_says_the_padding_checks_do_not_apply(tmp_path):
     """SRC already loads at TP 2, so `pad` writes nothing; a plain copy verified against SRC compares every byte
     and fails only for the missing awqpad.json."""

@@ -20,7 +20,7 @@ from awqpad.checkpoint import formats
 from awqpad.checkpoint.formats.base import refine_blocks, regroup_ids, regrouped_shape
 from awqpad.errors import UnsupportedError
 from awqpad.execute.tensor_io import read_array
-from awqpad.verify.context import Check, VerifyContext, make_check
+from awqpad.verify.context import Check, VerifyContext, make_check, not_applicable, not_compared
 
 MAX_LISTED = 8
 
@@ -51,12 +51,14 @@ def check_regroup(ctx: VerifyContext) -> list[Check]:
     out, src = ctx.out, ctx.src
     problems: list[str] = []
     if src is None:
-        return [make_check("regroup", [], f"{len(ops)} regrouped tensors (give SRC to compare them with their parent groups)",
-                           {"tensors": len(ops)}, started)]
+        return [not_applicable("regroup", f"no SRC to compare {len(ops)} regrouped tensors with (verify SRC OUT does)",
+                               {"tensors": len(ops)})]
+    tensors_compared = 0
     for op in ops:
         s_info, o_info = src.tensors.get(op.tensor), out.tensors.get(op.tensor)
         if s_info is None or o_info is None or tuple(o_info.shape) != tuple(op.new_shape):
-            continue  # reported by tensors / provenance
+            continue  # reported by tensors / provenance; counted as not compared below
+        tensors_compared += 1
         try:
             want = _expected(read_array(src.source.root, s_info), op)
         except UnsupportedError as exc:
@@ -68,7 +70,10 @@ def check_regroup(ctx: VerifyContext) -> list[Check]:
             problems.append(f"{op.tensor}: OUT's {what} are not SRC's split {op.regroup} ways")
     # every reader: SRC and OUT dequantize to the same weights over the original region
     regrouped = {op.tensor for op in ops}
-    layers = sorted({lin.layer for lin in out.linears if lin.layer is not None})
+    # first and last of the layers that hold regrouped tensors (not of all layers: a model regrouped
+    # only in some layers would otherwise have nothing chosen to compare)
+    layers = sorted({lin.layer for lin in out.linears
+                     if lin.layer is not None and any(i.name in regrouped for i in lin.parts.values())})
     chosen = {layers[0], layers[-1]} if layers else set()
     by_prefix = {lin.prefix: lin for lin in src.linears}
     readers_seen: set[str] = set()
@@ -89,9 +94,15 @@ def check_regroup(ctx: VerifyContext) -> list[Check]:
                 problems.append(f"{lin.prefix}: reader {reader} dequantizes OUT differently from SRC "
                                 f"({int(np.sum(w_src != w_out))} weights)")
         compared += 1
+    if tensors_compared == 0:
+        problems.append(not_compared(f"none of the {len(ops)} regrouped tensors awqpad.json records is in both SRC "
+                                     "and OUT with the recorded shape"))
+    elif compared == 0:
+        problems.append(not_compared(f"no linear in SRC and OUT holds any of the {len(ops)} regrouped tensors, so no "
+                                     "reader dequantized them"))
     extra = f"; ... (+{len(problems) - MAX_LISTED} more)" if len(problems) > MAX_LISTED else ""
     return [make_check("regroup", problems[:MAX_LISTED] + ([extra] if extra else []),
-                       f"{len(ops)} regrouped tensors hold SRC's groups split exactly (each new group's scale and zero "
+                       f"{tensors_compared} of {len(ops)} regrouped tensors hold SRC's groups split exactly (each new group's scale and zero "
                        f"= its parent's); {compared} linears dequantize bit-identically under reader(s) "
                        f"{', '.join(sorted(readers_seen)) or '-'}",
-                       {"tensors": len(ops), "linears_compared": compared, "readers": sorted(readers_seen)}, started)]
+                       {"tensors": len(ops), "tensors_compared": tensors_compared, "linears_compared": compared, "readers": sorted(readers_seen)}, started)]
