@@ -11,7 +11,6 @@ installs them) and fail them when the CI environment variable is set (tests/orac
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 

@@ -394,9 +394,3 @@ def compare_attention(src: Checkpoint, out: Checkpoint, tps=(), layers=None, seq
                     results.append(AttentionResult(layer, reader, t, math.inf, exc.message))
     return AttentionCheck(tuple(results), tolerance)
 
-
-__all__ = [
-    "AttentionSpec", "AttentionData", "AttentionResult", "AttentionCheck", "REL_TOL",
-    "spec_for", "load_attention", "attention_layers", "rope", "attention_from_weights", "attention_reference",
-    "attention_sharded", "rank_heads", "readers", "compare_attention", "shard_problems",
-]
