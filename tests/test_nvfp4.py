@@ -260,3 +260,21 @@ def test_dense_nvfp4_rule_text_is_the_engines(tmp_path):
     assert plan["dims"]["intermediate_size"]["padded"] == 480  # 2 x 15 x 16
     msgs = {v["message"] for v in plan["violations_before"]}
     assert "Unsupported model when in features size is not multiple of 16" in msgs
+
+
+@pytest.mark.parametrize("engine", ["tgi", "lmdeploy"])
+@pytest.mark.parametrize("flavour", ["ct", "modelopt"])
+def test_engines_without_an_nvfp4_loader_refuse_at_every_tp(tmp_path, engine, flavour):
+    """TGI and LMDeploy have no NVFP4 loader (read in their code): even a TP that splits every group whole is
+    refused, so pad never writes an OUT that promises them a load."""
+    build_nvfp4(tmp_path / "m", Fp4Model(intermediate=512), flavour, data=False)
+    for tp in (1, 2):
+        proc = awqpad("plan", tmp_path / "m", "--tp", tp, "--engine", engine, "--json", check=False)
+        assert proc.returncode == 3, proc.stderr
+        plan = json.loads(proc.stdout)
+        assert [b["rule"] for b in plan["blockers"]] == ["nvfp4-no-loader"], plan["blockers"]
+        assert plan["blockers"][0]["nearest_tp"] == []
+    proc = awqpad("pad", tmp_path / "m", tmp_path / "out", "--tp", 2, "--engine", engine, check=False)
+    assert proc.returncode == 3 and "has no loader for nvfp4" in proc.stderr and not (tmp_path / "out").exists()
+    vllm = json.loads(awqpad("plan", tmp_path / "m", "--tp", 2, "--json").stdout)  # vLLM still loads it
+    assert not vllm["blockers"]

@@ -138,6 +138,8 @@ def evaluate(ckpt: Checkpoint, engine: str, t: int, widths: dict[str, int] | Non
             found = fp8_rules.block_violation(ckpt, rule)
             if found is not None:
                 result = fail(rule, found[0], found[1], False, found[2])
+        elif q == "format":  # the engine has no loader for this format at all (nvfp4_rules.UNLOADABLE)
+            result = fail(rule, ckpt.format, "-", False, f"{engine} has no loader for {ckpt.format} checkpoints at any TP")
         elif q == "heads":
             if dims.heads and dims.heads % t:
                 result = fail(rule, dims.heads, t, False, f"{dims.heads} attention heads do not split over {t} GPUs")

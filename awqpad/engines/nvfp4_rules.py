@@ -60,11 +60,32 @@ TRTLLM = _rows(
 )
 RULES = {"vllm": VLLM, "vllm-latest": VLLM, "sglang": SGLANG, "trtllm": TRTLLM}
 
+# Engines with no NVFP4 loader: refused at every TP, so no padding can help (padding for them would only
+# promise a load that never happens).
+UNLOADABLE = {
+    # TGI (huggingface/text-generation-inference db931fc, 2026-01-08): compressed-tensors groups are FP8, INT8 or
+    # INT4/8 pack-quantized only; a ModelOpt config's quant_method is "Unknown quantization method" and the
+    # packed uint8 weights are then read as unquantized ones.
+    "tgi": Rule("nvfp4-no-loader", "format", "-",
+                "ValueError: Group 'group_0' has unsupported compressed-tensors configurtion (ModelOpt NVFP4: "
+                "\"Unknown quantization method modelopt\", then an unquantized weight-shape error)",
+                "server/text_generation_server/layers/compressed_tensors/loader.py "
+                "CompressedTensorsLoader._create_loader_for_group; models/__init__.py get_model", True),
+    # LMDeploy (InternLM/lmdeploy 1263d5c, 2026-08-21): TurboMind accepts awq, gptq, fp8, mxfp4 and 4-bit int
+    # compressed-tensors; the PyTorch engine has no NVFP4 / ModelOpt path either.
+    "lmdeploy": Rule("nvfp4-no-loader", "format", "-",
+                     "AssertionError: compressed-tensors only supports pack-quantized format, but got "
+                     "nvfp4-pack-quantized (ModelOpt NVFP4: \"unsupported quant_config\")",
+                     "lmdeploy/turbomind/converter.py (quant_method checks before conversion)", True),
+}
+
 
 def engine_rules(engine: str, ckpt) -> tuple[Rule, ...]:
     """The rules of `engine` for this checkpoint: for NVFP4 ones, the engine's format-independent rows
     (heads, KV heads, even splits) plus the NVFP4 rows above, instead of its int4 (AWQ/GPTQ/Marlin) rows.
-    An engine with no NVFP4 rows read (TGI, LMDeploy) keeps only its format-independent rows."""
+    An engine with no NVFP4 loader (TGI, LMDeploy) gets the refusal row instead."""
     if ckpt.format != "nvfp4":
         return ENGINES[engine]
+    if engine in UNLOADABLE:
+        return (UNLOADABLE[engine],)
     return tuple(rule for rule in ENGINES[engine] if rule.quantized is not True) + RULES.get(engine, ())
