@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -251,3 +252,50 @@ def test_per_channel_input_padding_is_refused(tmp_path):
     plan = make_plan(read_checkpoint(resolve_source(str(tmp_path / "src"))), (4,), "vllm")
     # per-channel: no group straddles a shard, but Marlin's min_thread_k still needs 608 -> 640 per rank
     assert plan.blocked and "per-channel" in plan.blockers[0].message
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["awq", "fp8-moe"])
+def test_every_padded_copy_path_writes_the_same_bytes(tmp_path, monkeypatch, fp8):
+    """Padded tensors take one of three copy paths by stretch length (kernel copy for long stretches,
+    preadv scatter for medium ones, one block read + numpy for short ones). Tiny fixtures only reach the
+    last by default, so each path is forced in turn: every output file must be byte-identical, and the
+    forced paths must really have run (counted through the functions they call)."""
+    from awqpad.api import pad as api_pad
+    from awqpad.execute import shard_writer
+
+    src = tmp_path / "src"
+    if fp8:
+        from tests.fp8_factory import Spec, build_fp8
+
+        build_fp8(src, Spec(arch="qwen3_moe", moe_intermediate=192, experts=4))
+    else:
+        build_checkpoint(src, Model("qwen2", hidden=256, heads=4, kv_heads=2, head_dim=64, intermediate=384,
+                                    layers=2, vocab=64), Quant("awq"), shards=2)
+    calls = {"preadv_iovecs": 0, "kernel": 0}
+    real_preadv, real_copy = os.preadv, shard_writer.ShardWriter.copy_from
+
+    def counting_preadv(fd, buffers, offset):
+        calls["preadv_iovecs"] = max(calls["preadv_iovecs"], len(buffers))
+        return real_preadv(fd, buffers, offset)
+
+    def counting_copy(self, *args):
+        calls["kernel"] += 1
+        return real_copy(self, *args)
+
+    outputs, kernel_copies = {}, {}
+    for name, scatter, kernel in (("numpy", 1 << 40, 1 << 40), ("scatter", 0, 1 << 40), ("kernel", 0, 0)):
+        monkeypatch.setattr(shard_writer, "SCATTER_STRETCH", scatter)
+        monkeypatch.setattr(shard_writer, "KERNEL_STRETCH", kernel)
+        monkeypatch.setattr(shard_writer.os, "preadv", counting_preadv)
+        monkeypatch.setattr(shard_writer.ShardWriter, "copy_from", counting_copy)
+        calls.update(preadv_iovecs=0, kernel=0)
+        api_pad(str(src), tmp_path / name, tp=4 if fp8 else 2)
+        record = json.loads((tmp_path / name / "awqpad.json").read_text())
+        assert any(op["inserts"] for op in record["ops"]), "nothing was padded: the paths compared nothing"
+        outputs[name] = {p.name: p.read_bytes() for p in (tmp_path / name).glob("*.safetensors")}
+        if name == "scatter":
+            assert calls["preadv_iovecs"] > 1, "the scatter path did not run"
+        kernel_copies[name] = calls["kernel"]  # unchanged tensors are kernel-copied on every path
+    assert kernel_copies["kernel"] > kernel_copies["numpy"], "the kernel-copy path did not run for padded tensors"
+    assert len(outputs["numpy"]) >= 1
+    assert outputs["numpy"] == outputs["scatter"] == outputs["kernel"]

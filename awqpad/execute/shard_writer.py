@@ -24,6 +24,8 @@ from awqpad.execute.trailing_hash import TrailingHasher
 from awqpad.execute.tensor_io import ARRAY_DTYPES, RAW_DTYPES, itemsize, pread_exact
 
 BLOCK_BYTES = 16 << 20
+SCATTER_STRETCH = 16 << 10  # shorter stretches (on average) are read as a block and moved by numpy
+KERNEL_STRETCH = 256 << 10  # original stretches at least this long (on average) are copied in the kernel
 COPY_CHUNK = 32 << 20
 
 
@@ -235,9 +237,10 @@ def _write_padded(writer: ShardWriter, fd: int, info: TensorInfo, op: TensorOp) 
     segments = [seg for seg in segments if seg[1] > seg[0]]
 
     out_row_bytes = new_length * inner * size
-    if out_row_bytes > BLOCK_BYTES:
-        # Rows too big for one block (e.g. appending rows to a huge [K, N/8] tensor): copy original
-        # stretches chunk by chunk and write the fill in bounded pieces.
+    if out_row_bytes > BLOCK_BYTES or row_bytes >= KERNEL_STRETCH * len(segments):
+        # Rows too big for one block (e.g. appending rows to a huge [K, N/8] tensor), or stretches long
+        # enough (an expert's [768, 2048] FP8 weight growing rows) that copying them in the kernel beats
+        # a trip through a user buffer: copy original stretches and write the fill in bounded pieces.
         for r in range(outer):
             base = info.begin + r * row_bytes
             cursor = 0
@@ -247,8 +250,10 @@ def _write_padded(writer: ShardWriter, fd: int, info: TensorInfo, op: TensorOp) 
                 cursor = ins.at
             writer.copy_from(fd, base + cursor * inner * size, (length - cursor) * inner * size, what)
         return
-    # Small rows: read a block of rows straight into their places in a pre-filled output buffer
-    # (preadv scatters each row's stretches around the fill), then write the block: one copy in, one out.
+    # Small rows: a block of rows goes into a pre-filled output buffer, then out in one write. Stretches of
+    # a few KB (an expert down_proj's 768-byte rows, 4 rank stretches per AWQ row) are read as one block and
+    # moved by numpy, one strided copy per stretch: a preadv iovec per stretch costs more in Python than
+    # the extra memcpy. Longer stretches are scattered by preadv straight into place (one copy in, one out).
     rows_per_block = max(1, min(outer, BLOCK_BYTES // out_row_bytes))
     buf = np.empty((rows_per_block, new_length, inner), dtype=raw)
     dst = 0
@@ -256,8 +261,18 @@ def _write_padded(writer: ShardWriter, fd: int, info: TensorInfo, op: TensorOp) 
         at = ins.at + dst
         buf[:, at : at + ins.count, :] = fill.reshape(1, ins.count, inner)
         dst += ins.count
+    staging = np.empty((rows_per_block, length, inner), dtype=raw) if row_bytes < SCATTER_STRETCH * len(segments) else None
     for start in range(0, outer, rows_per_block):
         n = min(rows_per_block, outer - start)
+        if staging is not None:
+            want = n * row_bytes
+            got = os.preadv(fd, [memoryview(staging[:n]).cast("B")], info.begin + start * row_bytes)
+            if got != want:
+                raise InputError(f"{what}: file ended after {got} of {want} bytes (truncated?)")
+            for s, e, d in segments:
+                buf[:n, d : d + (e - s), :] = staging[:n, s:e, :]
+            writer.write(buf[:n])
+            continue
         views = [memoryview(buf[r, d : d + (e - s), :]).cast("B") for r in range(n) for s, e, d in segments]
         offset = info.begin + start * row_bytes
         for i in range(0, len(views), IOV_MAX):
@@ -272,8 +287,11 @@ def _write_padded(writer: ShardWriter, fd: int, info: TensorInfo, op: TensorOp) 
 
 def _write_repeated(writer: ShardWriter, fill: np.ndarray) -> None:
     step = max(1, BLOCK_BYTES // fill.itemsize)
+    constant = fill.ndim == 1 and fill.strides == (0,)  # one value broadcast: every piece is the same bytes
+    piece = np.ascontiguousarray(fill[:step]) if constant else None
     for start in range(0, fill.shape[0], step):
-        writer.write(np.ascontiguousarray(fill[start : start + step]))
+        n = min(step, fill.shape[0] - start)
+        writer.write(piece[:n] if constant else np.ascontiguousarray(fill[start : start + n]))
 
 
 def _write_regrouped(writer: ShardWriter, fd: int, info: TensorInfo, op: TensorOp) -> None:
