@@ -88,27 +88,29 @@ class ShardWriter:
         end = offset + size
         while offset < end:
             n = min(COPY_CHUNK, end - offset)
-            if self._copy_range:
-                try:
-                    got = os.copy_file_range(src_fd, self.fd, n, offset, self.pos)
-                except OSError as exc:
-                    if exc.errno in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-                        self._copy_range = False
-                        continue
-                    _raise_write(exc, self.path)
-            else:
+            got = self._copy_in_kernel(src_fd, offset, n) if self._copy_range else None
+            if got is None:  # no kernel copy between these file systems: through the buffer
                 if self._buffer is None:
                     self._buffer = memoryview(bytearray(COPY_CHUNK))
                 got = os.preadv(src_fd, [self._buffer[:n]], offset)
                 if got > 0:
                     self.write(self._buffer[:got])
-                    offset += got
-                    continue
+            elif got > 0:
+                self.pos += got
+                self._advanced()
             if got <= 0:
                 raise InputError(f"{what}: file ended {end - offset} bytes early (truncated?)")
             offset += got
-            self.pos += got
-            self._advanced()
+
+    def _copy_in_kernel(self, src_fd: int, offset: int, n: int) -> int | None:
+        """Bytes copied by copy_file_range, or None (and never again) where the kernel cannot copy."""
+        try:
+            return os.copy_file_range(src_fd, self.fd, n, offset, self.pos)
+        except OSError as exc:
+            if exc.errno in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                self._copy_range = False
+                return None
+            _raise_write(exc, self.path)
 
     def sha256(self) -> str | None:
         return None if self._hasher is None else _io(self._hasher.hexdigest, path=self.path)
@@ -265,10 +267,7 @@ def _write_padded(writer: ShardWriter, fd: int, info: TensorInfo, op: TensorOp) 
     for start in range(0, outer, rows_per_block):
         n = min(rows_per_block, outer - start)
         if staging is not None:
-            want = n * row_bytes
-            got = os.preadv(fd, [memoryview(staging[:n]).cast("B")], info.begin + start * row_bytes)
-            if got != want:
-                raise InputError(f"{what}: file ended after {got} of {want} bytes (truncated?)")
+            _preadv_exact(fd, [memoryview(staging[:n]).cast("B")], info.begin + start * row_bytes, what)
             for s, e, d in segments:
                 buf[:n, d : d + (e - s), :] = staging[:n, s:e, :]
             writer.write(buf[:n])
@@ -276,13 +275,16 @@ def _write_padded(writer: ShardWriter, fd: int, info: TensorInfo, op: TensorOp) 
         views = [memoryview(buf[r, d : d + (e - s), :]).cast("B") for r in range(n) for s, e, d in segments]
         offset = info.begin + start * row_bytes
         for i in range(0, len(views), IOV_MAX):
-            batch = views[i : i + IOV_MAX]
-            want = sum(v.nbytes for v in batch)
-            got = os.preadv(fd, batch, offset)
-            if got != want:
-                raise InputError(f"{what}: file ended after {got} of {want} bytes (truncated?)")
-            offset += want
+            offset += _preadv_exact(fd, views[i : i + IOV_MAX], offset, what)
         writer.write(buf[:n])
+
+
+def _preadv_exact(fd: int, views: list, offset: int, what: str) -> int:
+    want = sum(v.nbytes for v in views)
+    got = os.preadv(fd, views, offset)
+    if got != want:
+        raise InputError(f"{what}: file ended after {got} of {want} bytes (truncated?)")
+    return want
 
 
 def _write_repeated(writer: ShardWriter, fill: np.ndarray) -> None:

@@ -66,10 +66,12 @@ def _fp8_refusal(ckpt: Checkpoint, r: int) -> str | None:
     if why:
         return why
     block = block_size(ckpt)
+    if block is None:
+        return "no block-FP8 linear to refine"
     for lin in ckpt.linears:
         if lin.quantized and lin.format == fp8.NAME and (fp8.kind(lin) != "block" or (lin.block_n, lin.group_size) != block):
             return f"{lin.prefix}: FP8 scales are not blocks of {list(block)} like the rest of the model"
-    return None if block is not None else "no block-FP8 linear to refine"
+    return None
 
 
 def refusal(ckpt: Checkpoint, r: int) -> str | None:
